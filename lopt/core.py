@@ -1,0 +1,301 @@
+"""The functional core of small_fc_lopt (spec: shared/spec/small_fc_lopt.md).
+
+Everything here is a pure function of tensors: nothing is mutated, new state is returned. The
+same code runs
+
+* inside :class:`lopt.SmallFCLOpt` (one tensor at a time),
+* inside the meta-trainer under ``torch.func.vmap`` over perturbed θ and lanes, and
+* as the reference the fused C++/CUDA kernels are tested against.
+
+Layout convention (spec §10). PyTorch stores Linear weights as ``(out, in)`` and conv weights as
+``(out, in, kh, kw)``, the reverse of the JAX reference's ``(in, out)`` / ``(kh, kw, in, out)``.
+The factored statistics only depend on the layout when the two largest dims tie. lozoo never
+transposes tensors; instead the tie rule is a config option: ``tie_break="first"`` (default)
+reproduces the reference on PyTorch-layout tensors because reversing the axis order maps the
+reference's "later axis wins" onto "earlier axis wins"; ``tie_break="last"`` applies the raw rule
+to the tensor as stored, which is what PyLO does.
+
+State of one parameter tensor with shape S (decay axis trailing, as in the reference; a scalar is
+stored with S = (1,)): ``m`` S+(3,), ``v`` S+(1,), and either ``r`` (S without d0)+(3,) and ``c``
+(S without d1)+(3,) for rank ≥ 2, or ``vd`` S+(3,) for rank ≤ 1. The step counter ``t`` is kept by
+the caller and passed in as the *pre-increment* value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+
+from .config import NUM_ELEMENT_FEATURES, TIME_SCALES, SmallFCConfig, TieBreak
+
+TensorState = dict[str, torch.Tensor]
+Decays = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+# Epsilons of the reference, named after the place they guard (spec §4-§5).
+_EPS_GSQ = 1e-30  # added to g² in the factored / non-factored accumulators
+_EPS_RSQRT = 1e-9  # floor of safe_rsqrt and the row-mean guard
+_EPS_RMS = 1e-6  # rsqrt(v + eps) and the 1-D momentum factor
+_EPS_ROWCOL = 1e-8  # rsqrt(row/col + eps) features
+_EPS_NORM = 1e-5  # per-channel feature normalisation
+
+
+def factored_dims(shape: tuple[int, ...] | torch.Size, tie_break: TieBreak = "first"):
+    """The two factored axes ``(d1, d0)`` of a tensor, or ``None`` below rank 2 (spec §4.1, §10).
+
+    ``d0`` is the largest axis and ``d1`` the second largest. Ties are broken by an explicit sort
+    key rather than a library argsort, whose tie behaviour is unspecified: ``"last"`` lets the
+    later axis rank higher (the reference rule on its own layout), ``"first"`` the earlier one.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        return None
+    if tie_break == "last":
+        order = sorted(range(len(shape)), key=lambda a: (shape[a], a))
+    elif tie_break == "first":
+        order = sorted(range(len(shape)), key=lambda a: (shape[a], -a))
+    else:
+        raise ValueError(f"tie_break must be 'first' or 'last', got {tie_break!r}")
+    return order[-2], order[-1]
+
+
+def _decay(base: tuple[float, ...], offset: torch.Tensor) -> torch.Tensor:
+    # The literal log/exp form of spec §3.1, in float32, for bit parity with the reference.
+    base_t = torch.tensor(base, dtype=offset.dtype, device=offset.device)
+    beta = 1 - torch.exp(10 * (torch.log(1 - base_t) / 10 + offset))
+    # lozoo clips all three families to [0, 1] (the reference leaves momentum unclipped); the
+    # result is identical whenever every momentum decay is >= 0, as for all published weights.
+    return beta.clamp(0.0, 1.0)
+
+
+def effective_decays(theta: Mapping[str, torch.Tensor], cfg: SmallFCConfig) -> Decays:
+    """``(β_momentum (3,), β_rms (1,), β_adafactor (3,))`` from θ's decay offsets."""
+    return (
+        _decay(cfg.initial_momentum_decays, theta["momentum_decays"]),
+        _decay(cfg.initial_rms_decays, theta["rms_decays"]),
+        _decay(cfg.initial_adafactor_decays, theta["adafactor_decays"]),
+    )
+
+
+def state_shapes(shape: tuple[int, ...] | torch.Size, cfg: SmallFCConfig) -> dict:
+    """Shapes of the per-tensor state entries for a parameter of ``shape``."""
+    shape = tuple(int(s) for s in shape) or (1,)
+    out = {"m": shape + (3,), "v": shape + (1,)}
+    fd = factored_dims(shape, cfg.tie_break)
+    if fd is None:
+        out["vd"] = shape + (3,)
+    else:
+        d1, d0 = fd
+        out["r"] = tuple(s for a, s in enumerate(shape) if a != d0) + (3,)
+        out["c"] = tuple(s for a, s in enumerate(shape) if a != d1) + (3,)
+    return out
+
+
+def init_tensor_state(param: torch.Tensor, cfg: SmallFCConfig) -> TensorState:
+    """Zero float32 state for one parameter tensor (no bias correction anywhere, spec §4)."""
+    return {
+        k: torch.zeros(s, dtype=torch.float32, device=param.device)
+        for k, s in state_shapes(param.shape, cfg).items()
+    }
+
+
+def init_state(params: Mapping[str, torch.Tensor], cfg: SmallFCConfig) -> dict:
+    """Optimizer state for a dict of parameters: ``{"t": 0-d float32, "tensors": {name: ...}}``."""
+    device = next(iter(params.values())).device if params else None
+    return {
+        "t": torch.zeros((), dtype=torch.float32, device=device),
+        "tensors": {name: init_tensor_state(p, cfg) for name, p in params.items()},
+    }
+
+
+def _safe_rsqrt(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_min(_EPS_RSQRT).rsqrt()
+
+
+class Accumulated(NamedTuple):
+    """Result of the accumulator pass: the new state and the per-element raw features."""
+
+    state: TensorState
+    features: torch.Tensor  # S + (28,), un-normalised, channel order of spec §5
+
+
+def accumulate(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    decays: Decays,
+    cfg: SmallFCConfig,
+) -> Accumulated:
+    """Update the accumulators with ``grad`` and build the 28 raw features (spec §4.4 steps 2-3).
+
+    ``param`` and ``grad`` must already have rank ≥ 1 (scalars are promoted by the caller).
+    """
+    bm, bv, bf = decays
+    g3 = grad.unsqueeze(-1)
+    m = bm * state["m"] + (1 - bm) * g3
+    v = bv * state["v"] + (1 - bv) * (g3 * g3)
+    gs = g3 * g3 + _EPS_GSQ
+    full = (*param.shape, 3)
+    fd = factored_dims(param.shape, cfg.tie_break)
+    if fd is not None:
+        d1, d0 = fd
+        r = bf * state["r"] + (1 - bf) * gs.mean(d0)
+        c = bf * state["c"] + (1 - bf) * gs.mean(d1)
+        d1_in_r = d1 - int(d1 > d0)  # where axis d1 sits once d0 is removed
+        row_factor = _safe_rsqrt(r / (r.mean(d1_in_r, keepdim=True) + _EPS_RSQRT))
+        both = row_factor.unsqueeze(d0) * _safe_rsqrt(c).unsqueeze(d1)
+        fac_g, fac_m = g3 * both, m * both
+        row, col = r.unsqueeze(d0).expand(full), c.unsqueeze(d1).expand(full)
+        row_rs = (r + _EPS_ROWCOL).rsqrt().unsqueeze(d0).expand(full)
+        col_rs = (c + _EPS_ROWCOL).rsqrt().unsqueeze(d1).expand(full)
+        new_state = {"m": m, "v": v, "r": r, "c": c}
+    else:
+        vd = bf * state["vd"] + (1 - bf) * gs
+        fac_g = g3 * _safe_rsqrt(vd + _EPS_RSQRT)
+        fac_m = m * (vd + _EPS_RMS).rsqrt()
+        row = col = vd
+        row_rs = col_rs = (vd + _EPS_ROWCOL).rsqrt()
+        new_state = {"m": m, "v": v, "vd": vd}
+    rv = (v + _EPS_RMS).rsqrt()
+    features = torch.cat(
+        [g3, param.unsqueeze(-1), m, v, m * rv, rv, fac_g, row, col, row_rs, col_rs, fac_m],
+        dim=-1,
+    )
+    return Accumulated(new_state, features)
+
+
+def feature_scale(features: torch.Tensor) -> torch.Tensor:
+    """Per-channel normaliser ``rsqrt(1e-5 + mean(X_j²))`` over every element (spec §5.3)."""
+    dims = tuple(range(features.dim() - 1))
+    return (_EPS_NORM + features.square().mean(dim=dims)).rsqrt()
+
+
+def time_features(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """``tanh(t/τ_j − 1)`` for the 11 time scales, from the pre-increment counter ``t``."""
+    tau = torch.tensor(TIME_SCALES, dtype=like.dtype, device=like.device)
+    t = torch.as_tensor(t, device=like.device).to(like.dtype)
+    return torch.tanh(t / tau - 1)
+
+
+def first_layer(
+    theta: Mapping[str, torch.Tensor], scale: torch.Tensor, t: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer 0 with normalisation folded into its weights and time features into its bias.
+
+    Returns ``(w0' (28, h), b0' (h,))`` with ``w0'[j] = s_j·w0[j]`` and
+    ``b0' = b0 + tanh(t/τ − 1) @ w0[28:]`` (spec §13). Both rewrites are exact up to rounding and
+    spare the per-element work on 11 constant channels.
+    """
+    w0 = theta["w0"]
+    n = NUM_ELEMENT_FEATURES
+    w0_scaled = w0[:n] * scale.unsqueeze(-1)
+    b0 = theta["b0"] + time_features(t, w0) @ w0[n:]
+    return w0_scaled, b0
+
+
+def mlp_outputs(
+    theta: Mapping[str, torch.Tensor],
+    features: torch.Tensor,
+    w0: torch.Tensor,
+    b0: torch.Tensor,
+    num_layers: int,
+) -> torch.Tensor:
+    """Run the MLP on raw features with a folded first layer; returns ``(..., 2)`` = (d, m)."""
+    h = torch.relu(features @ w0 + b0)
+    for k in range(1, num_layers - 1):
+        h = torch.relu(h @ theta[f"w{k}"] + theta[f"b{k}"])
+    last = num_layers - 1
+    return h @ theta[f"w{last}"] + theta[f"b{last}"]
+
+
+def step_from_outputs(outputs: torch.Tensor, cfg: SmallFCConfig) -> torch.Tensor:
+    """``step_mult · d · exp(exp_mult · m)`` (spec §6)."""
+    return cfg.step_mult * outputs[..., 0] * torch.exp(cfg.exp_mult * outputs[..., 1])
+
+
+def tensor_step(
+    theta: Mapping[str, torch.Tensor],
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    t: torch.Tensor | float,
+    cfg: SmallFCConfig,
+    decays: Decays | None = None,
+) -> tuple[torch.Tensor, TensorState]:
+    """The learned step of one tensor: returns ``(step, new_state)`` with ``p_new = p − step``.
+
+    Pure and differentiable in θ; ``vmap``-able over θ, params, grads, state and ``t``.
+    ``decays`` may be passed in to compute them once for many tensors.
+    """
+    if decays is None:
+        decays = effective_decays(theta, cfg)
+    scalar = param.dim() == 0
+    if scalar:  # spec §4.3: a scalar takes the rank-1 path with one element
+        param, grad = param.reshape(1), grad.reshape(1)
+    acc = accumulate(param, grad, state, decays, cfg)
+    w0, b0 = first_layer(theta, feature_scale(acc.features), t)
+    out = mlp_outputs(theta, acc.features, w0, b0, len(cfg.layer_sizes()))
+    step = step_from_outputs(out, cfg)
+    return (step.reshape(()) if scalar else step), acc.state
+
+
+def update(
+    theta: Mapping[str, torch.Tensor],
+    state: Mapping,
+    params: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    cfg: SmallFCConfig,
+    *,
+    lr: float | torch.Tensor = 1.0,
+    weight_decay: float = 0.0,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """One small_fc_lopt step over a dict of parameters (spec §4.4, §6).
+
+    ``state`` comes from :func:`init_state`. Returns ``(new_params, new_state)``; the counter is
+    incremented after the update, so the time features see the pre-increment value. ``lr``
+    multiplies the step and weight decay is decoupled: ``p ← p·(1 − lr·wd) − lr·step``.
+    """
+    decays = effective_decays(theta, cfg)
+    t = state["t"]
+    new_params: dict[str, torch.Tensor] = {}
+    new_tensors: dict[str, TensorState] = {}
+    for name, p in params.items():
+        step, new_tensors[name] = tensor_step(
+            theta, p, grads[name], state["tensors"][name], t, cfg, decays
+        )
+        decayed = p * (1 - lr * weight_decay) if weight_decay else p
+        new_params[name] = decayed - lr * step
+    return new_params, {"t": t + 1, "tensors": new_tensors}
+
+
+def tensor_features(
+    theta: Mapping[str, torch.Tensor],
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    t: torch.Tensor | float,
+    cfg: SmallFCConfig,
+) -> dict[str, torch.Tensor]:
+    """Inspection helper: the 39 MLP inputs (normalised, time features appended) and outputs.
+
+    Returns ``{"features": S+(39,), "direction": S, "magnitude": S, "step": S}`` for one step
+    from ``state``. Slower than :func:`tensor_step` (it materialises all 39 channels); meant for
+    notebooks and tests, not for training.
+    """
+    decays = effective_decays(theta, cfg)
+    p, g = (param.reshape(1), grad.reshape(1)) if param.dim() == 0 else (param, grad)
+    acc = accumulate(p, g, state, decays, cfg)
+    normed = acc.features * feature_scale(acc.features)
+    tf = time_features(t, normed).expand(*normed.shape[:-1], len(TIME_SCALES))
+    x = torch.cat([normed, tf], dim=-1)
+    unit_scale = torch.ones(NUM_ELEMENT_FEATURES, dtype=x.dtype, device=x.device)
+    w0, b0 = first_layer(theta, unit_scale, t)
+    out = mlp_outputs(theta, normed, w0, b0, len(cfg.layer_sizes()))
+    shape = param.shape
+    return {
+        "features": x.reshape(*shape, x.shape[-1]),
+        "direction": out[..., 0].reshape(shape),
+        "magnitude": out[..., 1].reshape(shape),
+        "step": step_from_outputs(out, cfg).reshape(shape),
+    }
