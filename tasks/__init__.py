@@ -1,0 +1,118 @@
+"""Task families for meta-training learned optimizers, on real offline data.
+
+Usage::
+
+    family = tasks.get_family("mlp_fashion_mnist", canonical=True)
+    gen = torch.Generator().manual_seed(0)
+    static = family.sample_static(gen)           # frozen, JSON-serialisable (to_dict/from_dict)
+    task = family.make_task(static)
+    lanes = family.sample_lanes(gen, static, n)  # dict of [n, ...] tensors
+    params = task.init_lanes(gen, lanes)         # dict of [n, ...] tensors (init per lane)
+    stream = task.batches("train", n, seed)      # next(stream) -> {"x": [n, B, D], "y": [n, B]}
+    loss = torch.func.vmap(task.loss)(params, next(stream), lanes)   # [n]
+
+**Grouping architectures for vmap.** One ``vmap`` needs identical shapes in every lane, so a
+family's architecture choices (image size, depth, widths, batch size, dataset) live in the
+static config and are drawn once per gradient estimator: all lanes of an estimator share one
+static config and one :class:`Task`, and differ only in their lane config (activation index,
+init scale, quadratic target) and init draw. A trainer that wants architecture diversity within
+a step runs several estimators, each with its own static config, and resamples a static config
+when it resamples the estimator (meta_training.md §7); configs are frozen and hashable, so lanes
+can equally be bucketed by config. Data streams are per estimator too: ``task.batches(split,
+n_pairs, gen)`` gives one stream per perturbation pair, drawn as one stacked tensor.
+
+Families (:data:`FAMILY_NAMES`): ``mlp_mnist``, ``mlp_fashion_mnist`` (sampled, or
+``canonical=True`` for the fixed 2,410-parameter task), ``conv_mnist``, ``quadratic``. Their
+ranges are in each family class's docstring. Data sources: :mod:`tasks.datasets`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from tasks.base import (
+    LaneCfg,
+    Params,
+    StaticCfg,
+    Task,
+    TaskFamily,
+    stack_lanes,
+    unstack_lane,
+)
+from tasks.conv import ConvConfig, ConvMnistFamily, ConvTask
+from tasks.idx import read_idx
+from tasks.image_mlp import (
+    CANONICAL_FASHION_MNIST,
+    ImageMLPConfig,
+    ImageMLPTask,
+    MLPFashionMnistFamily,
+    MLPMnistFamily,
+)
+from tasks.quadratic import QuadraticConfig, QuadraticFamily, QuadraticTask
+from tasks.streams import BatchStream
+
+__all__ = [
+    "CANONICAL_FASHION_MNIST",
+    "FAMILIES",
+    "FAMILY_NAMES",
+    "BatchStream",
+    "ConvConfig",
+    "ConvMnistFamily",
+    "ConvTask",
+    "ImageMLPConfig",
+    "ImageMLPTask",
+    "LaneCfg",
+    "MLPFashionMnistFamily",
+    "MLPMnistFamily",
+    "Params",
+    "QuadraticConfig",
+    "QuadraticFamily",
+    "QuadraticTask",
+    "StaticCfg",
+    "Task",
+    "TaskFamily",
+    "get_family",
+    "read_idx",
+    "stack_lanes",
+    "static_from_dict",
+    "unstack_lane",
+]
+
+FAMILIES: Mapping[str, type[TaskFamily]] = MappingProxyType(
+    {
+        "mlp_mnist": MLPMnistFamily,
+        "mlp_fashion_mnist": MLPFashionMnistFamily,
+        "conv_mnist": ConvMnistFamily,
+        "quadratic": QuadraticFamily,
+    }
+)
+FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
+
+_STATIC_KINDS: Mapping[str, type[StaticCfg]] = MappingProxyType(
+    {cls.kind: cls for cls in (ImageMLPConfig, ConvConfig, QuadraticConfig)}
+)
+
+
+def get_family(name: str, **overrides: Any) -> TaskFamily:
+    """The family called ``name``, with its typed fields overridden by ``overrides``."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown task family {name!r}; valid names: {', '.join(FAMILY_NAMES)}")
+    cls = FAMILIES[name]
+    valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"task family {name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+        )
+    return cls(**overrides)
+
+
+def static_from_dict(data: Mapping[str, Any]) -> StaticCfg:
+    """Rebuild any static config from its ``to_dict()`` (dispatching on ``data["kind"]``)."""
+    kind = data.get("kind")
+    if kind not in _STATIC_KINDS:
+        raise ValueError(f"unknown static config kind {kind!r}; valid: {', '.join(_STATIC_KINDS)}")
+    return _STATIC_KINDS[kind].from_dict(data)

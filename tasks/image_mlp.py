@@ -1,0 +1,192 @@
+"""Image-MLP task families on MNIST and Fashion-MNIST (spec: tasks.md §3, §4, §7).
+
+Model: flatten, then dense layers ``hidden + [10]`` with the lane's activation between layers
+(not after the last). Params ``layer{i}.weight`` ``(out, in)`` and ``layer{i}.bias``; the last
+layer is the classifier head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tasks.base import LaneCfg, StaticCfg, TaskFamily, log_int, randint
+from tasks.classification import (
+    DEFAULT_ACTIVATIONS,
+    ImageClassificationTask,
+    check_activations,
+    check_dataset,
+    normalise_image_family,
+    sample_classification_lane,
+)
+from tasks.datasets import NUM_CLASSES
+
+__all__ = [
+    "CANONICAL_FASHION_MNIST",
+    "ImageMLPConfig",
+    "ImageMLPTask",
+    "MLPFashionMnistFamily",
+    "MLPMnistFamily",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageMLPConfig(StaticCfg):
+    """Static config of an image MLP: everything that fixes tensor shapes.
+
+    ``activations`` is the candidate list a lane's activation index points into (it changes no
+    shape, but it must be the same for all lanes that are vmapped together).
+    """
+
+    kind = "image_mlp"
+    dataset: str
+    image_size: int
+    hidden: tuple[int, ...]
+    batch_size: int
+    activations: tuple[str, ...] = ("relu",)
+
+    def __post_init__(self) -> None:
+        check_dataset(self.dataset)
+        check_activations(self.activations)
+        for name in ("image_size", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not all(isinstance(w, int) and w >= 1 for w in self.hidden):
+            raise ValueError(f"hidden widths must be positive ints, got {self.hidden!r}")
+
+
+CANONICAL_FASHION_MNIST = ImageMLPConfig(
+    dataset="fashion_mnist", image_size=8, hidden=(32,), batch_size=128, activations=("relu",)
+)
+"""ImageMLP_FashionMnist8_Relu32: 64 → 32 → 10 ReLU, batch 128, 2,410 params (tasks.md §3)."""
+
+
+class ImageMLPTask(ImageClassificationTask):
+    """An MLP classifier over flattened ``s×s`` images, built from an :class:`ImageMLPConfig`."""
+
+    flat_inputs = True
+
+    def __init__(
+        self, static: ImageMLPConfig, data_dir: str | os.PathLike[str] | None = None
+    ) -> None:
+        super().__init__(
+            static.dataset, static.image_size, static.batch_size, static.activations, data_dir
+        )
+        self.static = static
+        sizes = [static.image_size**2, *static.hidden, NUM_CLASSES]
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            self._shapes[f"layer{i}.weight"] = (fan_out, fan_in)
+            self._shapes[f"layer{i}.bias"] = (fan_out,)
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def logits(self, params: Mapping[str, Tensor], x: Tensor, lane_cfg: LaneCfg) -> Tensor:
+        depth = len(self.static.hidden)
+        h = x
+        for i in range(depth + 1):
+            h = F.linear(h, params[f"layer{i}.weight"], params[f"layer{i}.bias"])
+            if i < depth:
+                h = self.act(h, lane_cfg)
+        return h
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPMnistFamily(TaskFamily):
+    """Sampled image MLPs on MNIST.
+
+    Static (per estimator), defaults per tasks.md §7:
+
+    - ``image_sizes``: image side, uniform over {8, 14, 28};
+    - ``depth``: hidden layers, uniform integer in [1, 3];
+    - ``width``: one width for all hidden layers, ``log_int(16, 128)`` ∈ [16, 127];
+    - ``batch_size``: ``log_int(32, 256)`` ∈ [32, 255].
+
+    Per lane: ``activation`` index uniform over ``activations`` (relu, tanh, gelu, silu) and
+    ``init_scale`` ~ U(0.5, 2).
+
+    Every range is an overridable field; a scalar fixes it (``depth=2`` means exactly 2,
+    ``image_sizes=(8,)`` a fixed 8×8). ``log_int(a, a)`` is ``a``. ``data_dir`` is passed to the
+    dataset search (tasks.datasets).
+    """
+
+    name = "mlp_mnist"
+    dataset = "mnist"
+    image_sizes: tuple[int, ...] = (8, 14, 28)
+    depth: tuple[int, int] = (1, 3)
+    width: tuple[int, int] = (16, 128)
+    batch_size: tuple[int, int] = (32, 256)
+    activations: tuple[str, ...] = DEFAULT_ACTIVATIONS
+    init_scale: tuple[float, float] = (0.5, 2.0)
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        normalise_image_family(self, {"depth": 0, "width": 1, "batch_size": 1})
+
+    def sample_static(self, gen: torch.Generator) -> ImageMLPConfig:
+        image_size = self.image_sizes[randint(gen, 0, len(self.image_sizes) - 1)]
+        depth = randint(gen, *self.depth)
+        width = log_int(gen, *self.width)
+        batch_size = log_int(gen, *self.batch_size)
+        return ImageMLPConfig(
+            dataset=self.dataset,
+            image_size=image_size,
+            hidden=(width,) * depth,
+            batch_size=batch_size,
+            activations=self.activations,
+        )
+
+    def sample_lane(self, gen: torch.Generator, static: StaticCfg) -> LaneCfg:
+        return sample_classification_lane(gen, _mlp_static(static).activations, self.init_scale)
+
+    def make_task(self, static: StaticCfg) -> ImageMLPTask:
+        return ImageMLPTask(_mlp_static(static), data_dir=self.data_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPFashionMnistFamily(MLPMnistFamily):
+    """The :class:`MLPMnistFamily` ranges on Fashion-MNIST, or the canonical fixed task.
+
+    ``canonical=True`` (``get_family("mlp_fashion_mnist", canonical=True)``) makes
+    ``sample_static`` always return :data:`CANONICAL_FASHION_MNIST` (8×8, 64→32→10 ReLU, batch
+    128, 2,410 params) and ``sample_lane`` return ReLU with init scale 1 (the reference's fixed
+    task varies only the init draw between lanes). It cannot be combined with range overrides.
+    """
+
+    name = "mlp_fashion_mnist"
+    dataset = "fashion_mnist"
+    canonical: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.canonical:
+            defaults = MLPMnistFamily()
+            changed = [
+                f.name
+                for f in dataclasses.fields(MLPMnistFamily)
+                if f.name != "data_dir" and getattr(self, f.name) != getattr(defaults, f.name)
+            ]
+            if changed:
+                raise ValueError(
+                    f"canonical=True fixes the task; do not also override {', '.join(changed)}"
+                )
+
+    def sample_static(self, gen: torch.Generator) -> ImageMLPConfig:
+        return CANONICAL_FASHION_MNIST if self.canonical else super().sample_static(gen)
+
+    def sample_lane(self, gen: torch.Generator, static: StaticCfg) -> LaneCfg:
+        if self.canonical:
+            return sample_classification_lane(gen, ("relu",), (1.0, 1.0))
+        return super().sample_lane(gen, static)
+
+
+def _mlp_static(static: StaticCfg) -> ImageMLPConfig:
+    if not isinstance(static, ImageMLPConfig):
+        raise TypeError(f"expected an ImageMLPConfig, got {type(static).__name__}")
+    return static
