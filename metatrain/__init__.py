@@ -1,0 +1,21 @@
+"""Meta-training of small_fc_lopt with ES, truncated ES and PES over vectorised unrolls."""
+
+from .config import QUICK, MetaTrainConfig
+from .estimators import PES, FullES, TruncatedES
+from .trainer import RunResult, train
+from .unroll import TaskLanes, VectorizedUnroll
+from .worker import Worker, WorkerResult
+
+__all__ = [
+    "PES",
+    "QUICK",
+    "FullES",
+    "MetaTrainConfig",
+    "RunResult",
+    "TaskLanes",
+    "TruncatedES",
+    "VectorizedUnroll",
+    "Worker",
+    "WorkerResult",
+    "train",
+]

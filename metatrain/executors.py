@@ -1,0 +1,60 @@
+"""Executors: who computes the workers' gradients. The trainer only sees this seam.
+
+``SerialExecutor`` runs every worker in this process, one after the other: the default for
+tests and debugging (Ray's ``local_mode`` no longer exists), and bit-reproducible.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from .config import MetaTrainConfig
+from .worker import Worker, WorkerResult
+
+
+class Executor(Protocol):
+    def gradients(self, theta: torch.Tensor, step: int) -> list[WorkerResult]:
+        """Gradient results to average for outer step ``step`` at θ."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SerialExecutor:
+    def __init__(self, cfg: MetaTrainConfig, num_workers: int = 1) -> None:
+        self.workers = [Worker(cfg, i) for i in range(max(1, num_workers))]
+
+    def gradients(self, theta: torch.Tensor, step: int) -> list[WorkerResult]:
+        return [w.compute(theta, step) for w in self.workers]
+
+    def task_configs(self) -> list[dict[str, Any]]:
+        return [c for w in self.workers for c in w.task_configs()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"workers": [w.state_dict() for w in self.workers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["workers"]) != len(self.workers):
+            raise ValueError(
+                f"checkpoint has {len(state['workers'])} workers but this run has "
+                f"{len(self.workers)}; resume with the same --workers"
+            )
+        for worker, ws in zip(self.workers, state["workers"]):
+            worker.load_state_dict(ws)
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(cfg: MetaTrainConfig) -> Executor:
+    if cfg.workers <= 0:
+        return SerialExecutor(cfg)
+    from .ray_executor import RayExecutor  # imported lazily: Ray is heavy
+
+    return RayExecutor(cfg)

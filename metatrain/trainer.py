@@ -1,0 +1,272 @@
+"""The meta-training loop: executor → gradients → outer learner, with logs and checkpoints.
+
+Run directory layout::
+
+    RUN_DIR/config.json          meta-training config, lopt config, command, task configs
+    RUN_DIR/metrics.jsonl        one line of metrics per outer step
+    RUN_DIR/tb/                  TensorBoard scalars
+    RUN_DIR/checkpoints/         ckpt-<step>.pt (atomic) and a ``latest`` pointer
+    RUN_DIR/theta.safetensors    final θ (with its small_fc_lopt config in the metadata)
+    RUN_DIR/summary.json         final metrics and wall time
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lopt
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import MetaTrainConfig
+from .executors import Executor, make_executor
+from .learner import OuterLearner
+from .worker import derive_seed
+
+log = logging.getLogger("lozoo.metatrain")
+
+# Flags that may change when a run is resumed; anything else would break the trajectory.
+RESUMABLE_CHANGES = {
+    "outer_steps",
+    "progress",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "publish",
+    "threads",
+    "address",
+}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    theta: dict[str, torch.Tensor]
+    lopt_config: lopt.SmallFCConfig
+    meta_losses: list[float]
+    wall_time: float
+
+
+def default_run_dir(cfg: MetaTrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.task_family}-{cfg.estimator}-{stamp}"
+
+
+def load_run_config(run_dir: Path) -> MetaTrainConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ValueError(f"--resume {run_dir}: no config.json there; is it a metatrain run dir?")
+    return MetaTrainConfig.from_dict(json.loads(path.read_text())["metatrain"])
+
+
+def merge_resume_config(saved: MetaTrainConfig, requested: MetaTrainConfig, given: set[str]):
+    """The saved config with the explicitly given, resume-safe flags applied."""
+    bad = sorted(
+        k
+        for k in given
+        if k not in RESUMABLE_CHANGES and getattr(saved, k) != getattr(requested, k)
+    )
+    if bad:
+        flags = ", ".join("--" + k.replace("_", "-") for k in bad)
+        raise ValueError(f"cannot change {flags} when resuming; only {sorted(RESUMABLE_CHANGES)}")
+    values = saved.to_dict()
+    values.update({k: getattr(requested, k) for k in given if k in RESUMABLE_CHANGES})
+    return MetaTrainConfig.from_dict(values)
+
+
+def _average(results) -> dict[str, float]:
+    keys = results[0].metrics.keys()
+    out = {k: sum(r.metrics[k] for r in results) / len(results) for k in keys}
+    out["inner_steps"] = sum(r.metrics["inner_steps"] for r in results)
+    return out
+
+
+def _restore(run_dir: Path, learner: OuterLearner, executor: Executor) -> dict[str, Any]:
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise ValueError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}")
+    candidates = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"), reverse=True)
+    for candidate in [path] + [c for c in candidates if c != path]:
+        try:
+            ckpt = load_checkpoint(candidate)
+        except ValueError as err:
+            warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
+            continue
+        learner.load_state_dict(ckpt["learner"])
+        executor.load_state_dict(ckpt["executor"])
+        log.info("resumed %s at outer step %d", candidate, ckpt["step"])
+        return ckpt
+    raise ValueError(f"--resume {run_dir}: every checkpoint is unreadable")
+
+
+def _trim_metrics(path: Path, start: int) -> None:
+    """Drop metric lines of steps the resumed run will redo (written after the checkpoint)."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def train(
+    cfg: MetaTrainConfig,
+    run_dir: str | os.PathLike | None = None,
+    *,
+    resume: bool = False,
+    command: str | None = None,
+    executor: Executor | None = None,
+) -> RunResult:
+    """Meta-train small_fc_lopt per ``cfg``; returns the final θ and the meta-loss history."""
+    cfg.validate()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(run_dir or cfg.out_dir or default_run_dir(cfg))
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise ValueError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+            "or choose another --out-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lopt_cfg = lopt.preset(cfg.lopt)
+    theta0 = lopt.init_theta(lopt_cfg, torch.Generator().manual_seed(derive_seed(cfg.seed, 3)))
+    learner = OuterLearner(lopt.flatten_theta(theta0, lopt_cfg), cfg.outer_lr, cfg.grad_clip)
+    executor = executor or make_executor(cfg)
+    start, elapsed, total_inner = 0, 0.0, 0
+    metrics_path = run_dir / "metrics.jsonl"
+    try:
+        if resume:
+            ckpt = _restore(run_dir, learner, executor)
+            start, elapsed, total_inner = ckpt["step"], ckpt["elapsed"], ckpt["total_inner_steps"]
+            _trim_metrics(metrics_path, start)
+        else:
+            metrics_path.write_text("")
+        record = {
+            "metatrain": cfg.to_dict(),
+            "lopt": lopt_cfg.to_dict(),
+            "command": command,
+            "task_configs": getattr(executor, "task_configs", lambda: [])(),
+        }
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2))
+        history = _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner)
+    finally:
+        executor.close()
+    theta = lopt.unflatten_theta(learner.theta.detach().clone(), lopt_cfg)
+    theta = {k: v.clone() for k, v in theta.items()}
+    lopt.save_theta(
+        run_dir / "theta.safetensors", theta, lopt_cfg, {"lozoo.metatrain.command": command or ""}
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if cfg.publish:
+        _publish(cfg, run_dir, theta, lopt_cfg, command, summary)
+    return RunResult(run_dir, theta, lopt_cfg, history, summary["wall_time_s"])
+
+
+def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[float]:
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=start)
+    history: list[float] = []
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    bar = tqdm(
+        total=cfg.outer_steps,
+        initial=start,
+        disable=not cfg.progress,
+        desc="meta-train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    t_last = time.perf_counter()
+    try:
+        for step in range(start, cfg.outer_steps):
+            t0 = time.perf_counter()
+            results = executor.gradients(learner.theta, step)
+            metrics = _average(results)
+            metrics.update(learner.apply([r.grad for r in results], metrics["meta_loss"]))
+            dt = time.perf_counter() - t0
+            total_inner += int(metrics["inner_steps"])
+            metrics["inner_steps_per_s"] = metrics["inner_steps"] / max(dt, 1e-9)
+            metrics["outer_step_s"] = dt
+            history.append(metrics["meta_loss"])
+            metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+            if step % cfg.log_every == 0 or step == cfg.outer_steps - 1:
+                for key, value in metrics.items():
+                    if math.isfinite(value):
+                        writer.add_scalar(_tb_name(key), value, step)
+                metrics_file.flush()
+            bar.set_postfix(meta_loss=f"{metrics['meta_loss']:.4f}", refresh=False)
+            bar.update(1)
+            now = time.perf_counter()
+            elapsed, t_last = elapsed + (now - t_last), now
+            done = step + 1
+            if cfg.checkpoint_every and (
+                done % cfg.checkpoint_every == 0 or done == cfg.outer_steps
+            ):
+                save_checkpoint(
+                    run_dir,
+                    done,
+                    {
+                        "learner": learner.state_dict(),
+                        "executor": executor.state_dict(),
+                        "config": cfg.to_dict(),
+                        "elapsed": elapsed,
+                        "total_inner_steps": total_inner,
+                    },
+                    keep=cfg.keep_checkpoints,
+                )
+    finally:
+        bar.close()
+        metrics_file.close()
+        writer.close()
+    summary = {
+        "outer_steps": cfg.outer_steps,
+        "wall_time_s": elapsed,
+        "total_inner_steps": total_inner,
+        "final_meta_loss": history[-1] if history else None,
+        "best_meta_loss": learner.best_loss if math.isfinite(learner.best_loss) else None,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return history
+
+
+TB_NAMES = {
+    "meta_loss": "meta/loss",
+    "best_meta_loss": "meta/best_loss",
+    "grad_norm": "meta/grad_norm",
+    "grad_abs_mean": "meta/grad_abs_mean",
+    "theta_norm": "meta/theta_norm",
+    "inner_loss": "inner/loss",
+    "inner_steps": "inner/steps",
+    "inner_steps_per_s": "inner/steps_per_s",
+    "outer_step_s": "time/outer_step_s",
+}
+
+
+def _tb_name(key: str) -> str:
+    return TB_NAMES.get(key, f"safety/{key}")
+
+
+def _publish(cfg, run_dir, theta, lopt_cfg, command, summary) -> None:
+    import zoo
+
+    meta = {
+        "task_family": cfg.task_family,
+        "metatrain_config": cfg.to_dict(),
+        "command": command,
+        "outer_steps": cfg.outer_steps,
+        "seed": cfg.seed,
+        "wall_time_s": summary["wall_time_s"],
+        "final_meta_loss": summary["final_meta_loss"],
+        "run_dir": str(run_dir),
+    }
+    entry = zoo.publish(theta, lopt_cfg, cfg.publish, meta=meta)
+    log.info("published %s", entry.ref)
+    print(f"published {entry.ref} to {entry.path}")

@@ -1,0 +1,280 @@
+"""Vectorised truncated unrolls of 2N inner problems (meta_training.md §2, §11).
+
+Lanes ``0..N-1`` run θ+ε_i and lanes ``N..2N-1`` run θ−ε_i. All lanes advance one *slot* per
+batched call: ``torch.func.vmap`` over (θ lane, params, optimizer state, batch, task config) of
+"inner gradient + small_fc_lopt update". Lanes reset independently, selected by a host-side mask
+(never by Python branches on lane values), and lanes ``i`` and ``i+N`` always share their batch,
+their reset draws (task config and init) and their counters: the pair differs only in ±ε.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+import lopt
+from lopt.config import SmallFCConfig
+
+from .schedules import NeverEnding, Schedule
+
+TensorTree = dict[str, Any]
+
+
+@dataclass
+class UnrollOutput:
+    """Per-slot records of one truncation (T slots, N pairs)."""
+
+    losses: torch.Tensor  # [T, 2N] normalised loss before each update; 0 at reset slots
+    mask: torch.Tensor  # [T, N] 1.0 where the slot trained, 0.0 where it reset the lane pair
+    done: torch.Tensor  # [T, N] 1.0 where is_done became True after the slot
+    raw_loss_sum: float  # sum of finite raw (un-normalised) positive-lane losses, for logging
+    raw_loss_count: int
+    inner_steps: int  # trained lane-slots over all 2N lanes
+
+
+class LaneProblem(Protocol):
+    """The inner problem the unroll advances: fresh lane states and one vectorised slot.
+
+    Lane states are trees of tensors stacked over lanes. :class:`TaskLanes` is the real one
+    (a task trained by small_fc_lopt); the statistical tests plug in analytic problems.
+    """
+
+    def fresh(self, n: int, generator: torch.Generator) -> TensorTree: ...
+
+    def next_batch(self) -> TensorTree: ...
+
+    def step(self, theta_lanes: torch.Tensor, state: TensorTree, batch: TensorTree):
+        """Train every lane one step: returns ``(new_state, loss [2N])`` with the loss before
+        the update; losses are raw, :meth:`normalizer` maps them to the meta-loss scale."""
+        ...
+
+    def normalizer(self, loss: torch.Tensor) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _map(fn, tree):
+    if isinstance(tree, dict):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    return fn(tree)
+
+
+def _map2(fn, a, b):
+    if isinstance(a, dict):
+        return {k: _map2(fn, a[k], b[k]) for k in a}
+    return fn(a, b)
+
+
+def _stack(trees: list[TensorTree]) -> TensorTree:
+    first = trees[0]
+    return {
+        k: _stack([t[k] for t in trees])
+        if isinstance(first[k], dict)
+        else torch.stack([t[k] for t in trees])
+        for k in first
+    }
+
+
+def _pairs_to_lanes(tree: TensorTree) -> TensorTree:
+    """[N, ...] → [2N, ...]: the + and − copies of every pair."""
+    return _map(lambda x: torch.cat([x, x]), tree)
+
+
+class TaskLanes:
+    """Lanes of one task (one static config) trained by small_fc_lopt with per-lane θ.
+
+    A lane state is ``{"params", "opt_state", "task_cfg"}``. One slot is a single
+    ``torch.func.vmap`` over (θ lane, params, optimizer state, batch, task config) of the inner
+    gradient and the small_fc_lopt update; no autograd graph survives the slot.
+    """
+
+    def __init__(
+        self,
+        task: Any,
+        family: Any,
+        static: Any,
+        lopt_config: SmallFCConfig,
+        num_streams: int,
+        stream_seed: int,
+        split: str = "train",
+    ) -> None:
+        self.task, self.family, self.static = task, family, static
+        self.lopt_config = lopt_config
+        self.stream = task.batches(split, num_streams, stream_seed)
+        self._step_all = torch.func.vmap(self._lane_train, randomness="error")
+
+    def fresh(self, n: int, generator: torch.Generator) -> TensorTree:
+        cfgs, params = [], []
+        for _ in range(n):
+            lane_cfg = self.family.sample_lane(generator, self.static)
+            cfgs.append(lane_cfg)
+            params.append(self.task.init(generator, lane_cfg))
+        stacked = _stack(params)
+        one = {k: v[0] for k, v in stacked.items()}
+        zeros = lopt.init_state(one, self.lopt_config)
+        opt_state = _map(lambda x: x.unsqueeze(0).expand(n, *x.shape).clone(), zeros)
+        return {
+            "params": stacked,
+            "opt_state": opt_state,
+            "task_cfg": _stack(cfgs) if cfgs[0] else {},
+        }
+
+    def next_batch(self) -> TensorTree:
+        return next(self.stream)
+
+    def _lane_train(self, theta_flat, params, opt_state, batch, task_cfg):
+        theta = lopt.unflatten_theta(theta_flat, self.lopt_config)
+        grads, loss = torch.func.grad_and_value(self.task.loss)(params, batch, task_cfg)
+        new_params, new_state = lopt.update(theta, opt_state, params, grads, self.lopt_config)
+        return new_params, new_state, loss
+
+    def step(self, theta_lanes: torch.Tensor, state: TensorTree, batch: TensorTree):
+        params, opt_state, loss = self._step_all(
+            theta_lanes, state["params"], state["opt_state"], batch, state["task_cfg"]
+        )
+        return {"params": params, "opt_state": opt_state, "task_cfg": state["task_cfg"]}, loss
+
+    def normalizer(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.task.normalizer(loss)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["stream"])
+
+
+class VectorizedUnroll:
+    """2N lanes of a :class:`LaneProblem`, advanced one slot at a time with per-lane θ.
+
+    Owns the trajectory bookkeeping of meta_training.md §2: host-side counters (``inner_step``,
+    ``length``, ``is_done`` per pair, known before each slot, so no device sync), mask-selected
+    resets with one shared draw per pair, staggered starts and the per-slot records.
+
+    Args:
+        problem: the lanes' inner problem.
+        num_pairs: N; there are 2N lanes.
+        schedule: trajectory lengths (drawn per pair at init and whenever a trajectory ends).
+        random_offset: K; each pair starts at ``inner_step ~ randint[0, K)`` so that lanes reset
+            at different slots (only the trajectory counter is offset, never the lopt's ``t``).
+        seed: seeds this unroll's generator (fresh lanes, lengths, offsets).
+    """
+
+    def __init__(
+        self,
+        problem: LaneProblem,
+        num_pairs: int,
+        schedule: Schedule,
+        random_offset: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if num_pairs < 1:
+            raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+        if random_offset < 0:
+            raise ValueError(f"random_offset must be >= 0, got {random_offset}")
+        self.problem = problem
+        self.num_pairs = num_pairs
+        self.schedule = schedule
+        self.random_offset = int(random_offset)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._init_lanes(offsets=self.random_offset > 0)
+
+    def _init_lanes(self, offsets: bool) -> None:
+        n = self.num_pairs
+        self.state = _pairs_to_lanes(self.problem.fresh(n, self.generator))
+        self.length = self.schedule.sample(n, self.generator)
+        if offsets:
+            self.inner_step = torch.randint(0, self.random_offset, (n,), generator=self.generator)
+        else:
+            self.inner_step = torch.zeros(n, dtype=torch.long)
+        self.is_done = torch.zeros(n, dtype=torch.bool)
+
+    def restart(self) -> None:
+        """Fresh tasks on every lane (both signs of a pair from the same draws), no offsets."""
+        self._init_lanes(offsets=False)
+
+    def copy_positive_to_negative(self) -> None:
+        n = self.num_pairs
+
+        def copy(x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            x[n:] = x[:n]
+            return x
+
+        self.state = _map(copy, self.state)
+
+    @torch.no_grad()
+    def _slot(self, theta_lanes: torch.Tensor):
+        n = self.num_pairs
+        batch = _pairs_to_lanes(self.problem.next_batch())
+        reset = self.is_done.clone()
+        state, loss = self.problem.step(theta_lanes, self.state, batch)
+        raw = loss[:n][~reset]
+        finite = torch.isfinite(raw)
+        raw_sum, raw_count = float(raw[finite].sum()), int(finite.sum())
+        loss = self.problem.normalizer(loss)
+        if reset.any():
+            # Select, never branch: the trained branch of a resetting lane is discarded, so a
+            # diverged lane (NaN params) cannot leak into its fresh task.
+            pairs = reset.nonzero().squeeze(1)
+            lanes = torch.cat([pairs, pairs + n])
+            fresh = _pairs_to_lanes(self.problem.fresh(len(pairs), self.generator))
+
+            def put(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+                dst = dst.clone()
+                dst[lanes] = src.to(dst.dtype)
+                return dst
+
+            state = _map2(put, state, fresh)
+            loss = put(loss, torch.zeros(()))
+        self.state = state
+        self.inner_step = torch.where(reset, 0, self.inner_step + 1)
+        self.is_done = self.inner_step >= self.length
+        newly_done = self.is_done & ~reset
+        if newly_done.any() and not isinstance(self.schedule, NeverEnding):
+            # the next trajectory's length is drawn when this one ends (reference semantics)
+            self.length = self.length.clone()
+            self.length[newly_done] = self.schedule.sample(int(newly_done.sum()), self.generator)
+        trained = 2 * int((~reset).sum())
+        return loss, (~reset).float(), self.is_done.float(), raw_sum, raw_count, trained
+
+    def run(self, theta_lanes: torch.Tensor, num_slots: int) -> UnrollOutput:
+        """Advance all lanes ``num_slots`` slots with per-lane meta-parameters ``[2N, P]``."""
+        if theta_lanes.dim() != 2 or theta_lanes.shape[0] != 2 * self.num_pairs:
+            raise ValueError(
+                f"theta_lanes must have shape [2N={2 * self.num_pairs}, P], "
+                f"got {tuple(theta_lanes.shape)}"
+            )
+        losses, masks, dones = [], [], []
+        raw_sum, raw_count, inner = 0.0, 0, 0
+        for _ in range(num_slots):
+            loss, mask, done, rs, rc, tr = self._slot(theta_lanes)
+            losses.append(loss)
+            masks.append(mask)
+            dones.append(done)
+            raw_sum, raw_count, inner = raw_sum + rs, raw_count + rc, inner + tr
+        return UnrollOutput(
+            torch.stack(losses), torch.stack(masks), torch.stack(dones), raw_sum, raw_count, inner
+        )
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lanes": self.state,
+            "inner_step": self.inner_step,
+            "length": self.length,
+            "is_done": self.is_done,
+            "generator": self.generator.get_state(),
+            "problem": self.problem.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = state["lanes"]
+        self.inner_step, self.length = state["inner_step"], state["length"]
+        self.is_done = state["is_done"]
+        self.generator.set_state(state["generator"])
+        self.problem.load_state_dict(state["problem"])
