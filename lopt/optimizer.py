@@ -44,7 +44,8 @@ def resolve_weights(
     ``"small_fc_lopt/mlp_mnist"`` / ``"name:1.2.0"``. ``None`` means the default zoo entry.
     """
     cfg = preset(config) if isinstance(config, str) else config
-    if weights is None:
+    default = weights is None
+    if default:
         weights = DEFAULT_ZOO_REF
     if isinstance(weights, Mapping):
         cfg = cfg or _infer_config(weights)
@@ -52,12 +53,22 @@ def resolve_weights(
         return theta, cfg, {"source": "dict"}
     if isinstance(weights, (str, os.PathLike)):
         path = os.fspath(weights)
-        if os.path.exists(path) or not _is_zoo_ref(path):
+        if os.path.isfile(path) or not _is_zoo_ref(path):
             theta, file_cfg = load_theta(path, cfg)
             return theta, file_cfg, {"source": f"file:{os.path.abspath(path)}"}
         import zoo  # the zoo resolves names, versions and verifies hashes
 
-        entry = zoo.load(path)
+        try:
+            entry = zoo.load(path)
+        except (zoo.EntryNotFoundError, zoo.InvalidRefError) as err:
+            if default:
+                raise type(err)(
+                    f"SmallFCLOpt(weights=None) loads the default zoo entry {DEFAULT_ZOO_REF!r}, "
+                    f"which is not installed: {err}"
+                ) from None
+            if ":" in path:
+                raise
+            raise type(err)(f"{err} (no file named {path!r} exists either)") from None
         if cfg is not None and cfg != entry.config:
             raise ValueError(
                 f"zoo entry {entry.ref} was trained with config {entry.config}, "
@@ -71,9 +82,16 @@ def resolve_weights(
 
 
 def _is_zoo_ref(text: str) -> bool:
-    # "family/name" or "family/name:version" with no further separators and no file suffix.
+    # "family/name" or "family/name:version": one "/", not path-like, no weights-file suffix.
+    # Zoo names may contain "." (e.g. "small_fc_lopt/mlp.v2"); the zoo validates the name fully
+    # and says precisely what is wrong, which beats a misleading "file not found".
+    suffixes = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".json")
     name = text.split(":", 1)[0]
-    return name.count("/") == 1 and not name.startswith((".", "/")) and "." not in name
+    return (
+        name.count("/") == 1
+        and not name.startswith((".", "/", "~"))
+        and not name.lower().endswith(suffixes)
+    )
 
 
 def _infer_config(theta: Mapping[str, torch.Tensor]) -> SmallFCConfig:
