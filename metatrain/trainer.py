@@ -259,11 +259,12 @@ def _publish(cfg, run_dir, theta, lopt_cfg, command, summary) -> None:
 
     meta = {
         "task_family": cfg.task_family,
-        "metatrain_config": cfg.to_dict(),
+        "meta_training": cfg.to_dict(),
         "command": command,
         "outer_steps": cfg.outer_steps,
         "seed": cfg.seed,
-        "wall_time_s": summary["wall_time_s"],
+        "wall_time_s": round(summary["wall_time_s"], 1),
+        "total_inner_steps": summary["total_inner_steps"],
         "final_meta_loss": summary["final_meta_loss"],
         "run_dir": str(run_dir),
     }

@@ -318,3 +318,18 @@ def test_cli_run_and_resume(tmp_path, capsys):
     assert steps == list(range(6))
     assert cli_main(["--resume", str(run), "--sigma", "0.1"]) == 2
     assert "cannot change --sigma when resuming" in capsys.readouterr().err
+
+
+def test_publish_puts_the_final_theta_in_the_zoo(tmp_path, monkeypatch):
+    import zoo
+
+    monkeypatch.setenv("LOZOO_ZOO", str(tmp_path / "zoo"))
+    result = train(tiny_config(tmp_path, outer_steps=2, publish="small_fc_lopt/tiny_test"))
+    entry = zoo.load("small_fc_lopt/tiny_test")
+    assert entry.version == "1.0.0"
+    assert entry.meta["task_family"] == "mlp_mnist"
+    assert entry.meta["meta_training"]["outer_steps"] == 2
+    for k, v in result.theta.items():
+        assert torch.equal(entry.theta[k], v)
+    model = torch.nn.Linear(3, 2)
+    lopt.SmallFCLOpt(model.parameters(), "small_fc_lopt/tiny_test")
