@@ -120,6 +120,100 @@ class Accumulated(NamedTuple):
     features: torch.Tensor  # S + (28,), un-normalised, channel order of spec §5
 
 
+class ElementInputs(NamedTuple):
+    """Per-element broadcasts of the second-moment statistics that feed channels 10-27.
+
+    ``fac_g = g·g_mult`` and ``fac_m = m·m_mult``; ``row``/``col`` and their ``rsqrt`` are the
+    factored statistics broadcast back to S+(3,) (for rank ≤ 1 all of them come from ``vd``).
+    """
+
+    g_mult: torch.Tensor
+    m_mult: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    row_rs: torch.Tensor
+    col_rs: torch.Tensor
+
+
+# The building blocks below are what :func:`accumulate` is made of. They are public so that the
+# chunked backend (lopt.kernels.torch_backend) runs the very same math on slices of a tensor.
+def ema(beta: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``β·old + (1 − β)·new``: every accumulator of spec §4 (no bias correction)."""
+    return beta * old + (1 - beta) * new
+
+
+def moments(
+    g3: torch.Tensor, m: torch.Tensor, v: torch.Tensor, bm: torch.Tensor, bv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """New momenta S+(3,) and RMS S+(1,) from ``g3 = grad[..., None]``."""
+    return ema(bm, m, g3), ema(bv, v, g3 * g3)
+
+
+def squared_grad(g3: torch.Tensor) -> torch.Tensor:
+    """``g² + 1e-30``, the input of the factored / non-factored accumulators."""
+    return g3 * g3 + _EPS_GSQ
+
+
+def row_col_factors(
+    r: torch.Tensor, c: torch.Tensor, d1: int, d0: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adafactor row factor (shape of ``r``) and column factor (shape of ``c``), spec §4.2.
+
+    Only ``r`` is normalised, by its mean over axis d1 alone (trap T1: not over the decays, and
+    for rank ≥ 3 not over the other axes either).
+    """
+    d1_in_r = d1 - int(d1 > d0)  # where axis d1 sits once d0 is removed
+    row_factor = _safe_rsqrt(r / (r.mean(d1_in_r, keepdim=True) + _EPS_RSQRT))
+    return row_factor, _safe_rsqrt(c)
+
+
+def factored_inputs(
+    r: torch.Tensor,
+    c: torch.Tensor,
+    row_factor: torch.Tensor,
+    col_factor: torch.Tensor,
+    d1: int,
+    d0: int,
+    full: tuple[int, ...],
+) -> ElementInputs:
+    """Broadcast the factored statistics to the elements of shape ``full`` = S+(3,)."""
+    both = row_factor.unsqueeze(d0) * col_factor.unsqueeze(d1)
+    return ElementInputs(
+        g_mult=both,
+        m_mult=both,
+        row=r.unsqueeze(d0).expand(full),
+        col=c.unsqueeze(d1).expand(full),
+        row_rs=(r + _EPS_ROWCOL).rsqrt().unsqueeze(d0).expand(full),
+        col_rs=(c + _EPS_ROWCOL).rsqrt().unsqueeze(d1).expand(full),
+    )
+
+
+def unfactored_inputs(vd: torch.Tensor) -> ElementInputs:
+    """Rank 0/1 (spec §5.2): every statistic is the per-element ``vd``."""
+    rs = (vd + _EPS_ROWCOL).rsqrt()
+    return ElementInputs(
+        g_mult=_safe_rsqrt(vd + _EPS_RSQRT),
+        m_mult=(vd + _EPS_RMS).rsqrt(),
+        row=vd,
+        col=vd,
+        row_rs=rs,
+        col_rs=rs,
+    )
+
+
+def element_features(
+    g3: torch.Tensor, p3: torch.Tensor, m: torch.Tensor, v: torch.Tensor, inputs: ElementInputs
+) -> torch.Tensor:
+    """The 28 raw features, S+(28,), in the channel order of spec §5 (the row order of ``w0``)."""
+    rv = (v + _EPS_RMS).rsqrt()
+    fac_g, fac_m = g3 * inputs.g_mult, m * inputs.m_mult
+    return torch.cat(
+        [g3, p3, m, v, m * rv, rv, fac_g, inputs.row, inputs.col]
+        + [inputs.row_rs, inputs.col_rs, fac_m],
+        dim=-1,
+    )
+
+
 def accumulate(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -133,42 +227,33 @@ def accumulate(
     """
     bm, bv, bf = decays
     g3 = grad.unsqueeze(-1)
-    m = bm * state["m"] + (1 - bm) * g3
-    v = bv * state["v"] + (1 - bv) * (g3 * g3)
-    gs = g3 * g3 + _EPS_GSQ
-    full = (*param.shape, 3)
+    m, v = moments(g3, state["m"], state["v"], bm, bv)
+    gs = squared_grad(g3)
     fd = factored_dims(param.shape, cfg.tie_break)
     if fd is not None:
         d1, d0 = fd
-        r = bf * state["r"] + (1 - bf) * gs.mean(d0)
-        c = bf * state["c"] + (1 - bf) * gs.mean(d1)
-        d1_in_r = d1 - int(d1 > d0)  # where axis d1 sits once d0 is removed
-        row_factor = _safe_rsqrt(r / (r.mean(d1_in_r, keepdim=True) + _EPS_RSQRT))
-        both = row_factor.unsqueeze(d0) * _safe_rsqrt(c).unsqueeze(d1)
-        fac_g, fac_m = g3 * both, m * both
-        row, col = r.unsqueeze(d0).expand(full), c.unsqueeze(d1).expand(full)
-        row_rs = (r + _EPS_ROWCOL).rsqrt().unsqueeze(d0).expand(full)
-        col_rs = (c + _EPS_ROWCOL).rsqrt().unsqueeze(d1).expand(full)
+        r = ema(bf, state["r"], gs.mean(d0))
+        c = ema(bf, state["c"], gs.mean(d1))
+        row_factor, col_factor = row_col_factors(r, c, d1, d0)
+        inputs = factored_inputs(r, c, row_factor, col_factor, d1, d0, (*param.shape, 3))
         new_state = {"m": m, "v": v, "r": r, "c": c}
     else:
-        vd = bf * state["vd"] + (1 - bf) * gs
-        fac_g = g3 * _safe_rsqrt(vd + _EPS_RSQRT)
-        fac_m = m * (vd + _EPS_RMS).rsqrt()
-        row = col = vd
-        row_rs = col_rs = (vd + _EPS_ROWCOL).rsqrt()
+        vd = ema(bf, state["vd"], gs)
+        inputs = unfactored_inputs(vd)
         new_state = {"m": m, "v": v, "vd": vd}
-    rv = (v + _EPS_RMS).rsqrt()
-    features = torch.cat(
-        [g3, param.unsqueeze(-1), m, v, m * rv, rv, fac_g, row, col, row_rs, col_rs, fac_m],
-        dim=-1,
-    )
+    features = element_features(g3, param.unsqueeze(-1), m, v, inputs)
     return Accumulated(new_state, features)
 
 
 def feature_scale(features: torch.Tensor) -> torch.Tensor:
     """Per-channel normaliser ``rsqrt(1e-5 + mean(X_j²))`` over every element (spec §5.3)."""
     dims = tuple(range(features.dim() - 1))
-    return (_EPS_NORM + features.square().mean(dim=dims)).rsqrt()
+    return scale_from_mean_square(features.square().mean(dim=dims))
+
+
+def scale_from_mean_square(mean_square: torch.Tensor) -> torch.Tensor:
+    """``rsqrt(1e-5 + mean(X_j²))`` from the per-channel mean squares (chunked callers)."""
+    return (_EPS_NORM + mean_square).rsqrt()
 
 
 def time_features(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:

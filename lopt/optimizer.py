@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from . import core
+from . import core, kernels
 from .config import SmallFCConfig, preset
 from .theta import Theta, load_theta, theta_sha256, validate_theta
 
@@ -126,6 +126,11 @@ class SmallFCLOpt(Optimizer):
         lr: multiplier of the learned step (default 1.0), so every ``lr_scheduler`` works.
         weight_decay: decoupled (AdamW-style) weight decay, applied as ``p·(1 − lr·wd)``.
         maximize: maximise the objective instead of minimising it.
+        backend: ``"auto"`` (default: the compiled kernel of each parameter's device when it is
+            available, else the pure-torch backend with a one-time warning), ``"torch"``,
+            ``"cpp"`` (compiled CPU kernel) or ``"cuda"`` (compiled CUDA kernel); see
+            :mod:`lopt.kernels.dispatch`. It is not part of the state: a checkpoint saved with
+            one backend resumes with any other.
 
     Meta-weights are shared by all parameters and are not optimizer state: ``state_dict()``
     records their sha256 and source, not the tensors.
@@ -140,8 +145,10 @@ class SmallFCLOpt(Optimizer):
         lr: float = 1.0,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        backend: str = "auto",
     ) -> None:
         lr = _check_hyper("lr", lr)
+        self.backend: str = kernels.check_backend(backend)
         weight_decay = _check_hyper("weight_decay", weight_decay)
         theta, cfg, source = resolve_weights(weights, config)
         self.config: SmallFCConfig = cfg
@@ -171,7 +178,10 @@ class SmallFCLOpt(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(
-            config=self.config, _theta_cpu=self._theta_cpu, meta_weights_info=self.meta_weights_info
+            config=self.config,
+            _theta_cpu=self._theta_cpu,
+            meta_weights_info=self.meta_weights_info,
+            backend=self.backend,
         )
         return state
 
@@ -179,6 +189,7 @@ class SmallFCLOpt(Optimizer):
         from_pickle = "_optimizer_state_dict_post_hooks" not in state
         super().__setstate__(state)
         self.__dict__.setdefault("_theta_by_device", {})
+        self.__dict__.setdefault("backend", "auto")
         for group in self.param_groups:
             group.setdefault("weight_decay", 0.0)
             group.setdefault("maximize", False)
@@ -235,6 +246,7 @@ class SmallFCLOpt(Optimizer):
                     lr=group["lr"],
                     weight_decay=group["weight_decay"],
                     maximize=group["maximize"],
+                    backend=self.backend,
                 )
         return loss
 
@@ -281,28 +293,32 @@ def small_fc_step(
     lr: float,
     weight_decay: float,
     maximize: bool,
+    backend: str = "auto",
 ) -> None:
     """Functional routine behind :meth:`SmallFCLOpt.step`: updates params and state in place.
 
-    Parameters of any floating dtype are stepped in float32 math with float32 state, then
-    written back in their own dtype.
+    Each tensor is stepped by the ``lozoo::small_fc_step_`` op of the chosen backend (see
+    :mod:`lopt.kernels`): float32 math and state whatever the parameter dtype, the state tensors
+    updated in place, then ``p ← p·(1 − lr·wd) − lr·step`` written back in the parameter's dtype.
     """
-    decays_by_device: dict[torch.device, core.Decays] = {}
+    prepared: dict[torch.device, tuple[torch.Tensor, list[torch.Tensor]]] = {}
     for p, grad, state in work:
-        theta = theta_on(p.device)
-        if p.device not in decays_by_device:
-            decays_by_device[p.device] = core.effective_decays(theta, cfg)
-        g = grad.float()
-        if maximize:
-            g = -g
-        p32 = p.float()
-        tensor_state = {k: v for k, v in state.items() if k != "step"}
-        step, new_state = core.tensor_step(
-            theta, p32, g, tensor_state, state["step"], cfg, decays_by_device[p.device]
-        )
-        for k, v in new_state.items():
-            state[k].copy_(v)
-        if weight_decay != 0.0:
-            p32 = p32 * (1.0 - lr * weight_decay)
-        p.copy_(p32 - lr * step)
+        if p.device not in prepared:
+            theta = theta_on(p.device)
+            decays = torch.cat(core.effective_decays(theta, cfg)).contiguous()
+            layers = [theta[f"{kind}{k}"] for k in range(len(cfg.layer_sizes())) for kind in "wb"]
+            prepared[p.device] = decays, [w.contiguous() for w in layers]
+        decays, layers = prepared[p.device]
+        d1, d0 = core.factored_dims(p.shape, cfg.tie_break) or (-1, -1)
+        step_fn = kernels.step_function(backend, p.device)
+        # The op updates a contiguous tensor in place; e.g. a channels_last conv weight is
+        # stepped in a contiguous copy and copied back.
+        target = p if p.is_contiguous() else p.contiguous()
+        step_fn(
+            target, grad, state["m"], state["v"], state.get("r"), state.get("c"), state.get("vd"),
+            decays, layers, d1, d0, float(state["step"]), lr, weight_decay, cfg.step_mult,
+            cfg.exp_mult, maximize,
+        )  # fmt: skip
+        if target is not p:
+            p.copy_(target)
         state["step"] += 1
