@@ -31,6 +31,15 @@ class MetaTrainConfig:
         {}, "family option KEY=VALUE (repeatable), e.g. --task-option image_sizes=[8]"
     )
     lopt: str = _f("original", "small_fc_lopt preset: original (h=4) or mulo (h=32)")
+    lopt_option: dict[str, Any] = _f(
+        {}, "override a field of the lopt preset, KEY=VALUE (repeatable), e.g. step_mult=0.01"
+    )
+    lopt_backend: str = _f(
+        "auto",
+        "lopt update in the unroll: torch (vmapped pure-torch core, the reference), cpp (fused "
+        "CPU kernel per lane, parity-tested) or auto (cpp when the kernel loads)",
+        choices=("auto", "torch", "cpp"),
+    )
     # -- estimator --------------------------------------------------------------------------------
     estimator: str = _f("pes", "gradient estimator", choices=ESTIMATOR_NAMES)
     num_tasks: int = _f(8, "N perturbation pairs per estimator (2N lanes)")
@@ -55,11 +64,31 @@ class MetaTrainConfig:
     grad_clip: float = _f(3.0, "elementwise clip of the meta-gradient before Adam")
     seed: int = _f(0, "run seed (tasks, perturbations, data)")
     # -- execution --------------------------------------------------------------------------------
-    workers: int = _f(0, "worker processes (0: serial in-process; >=1: Ray actors)")
-    address: str | None = _f(None, "Ray cluster address (auto | HOST:PORT); default RAY_ADDRESS")
-    mode: str = _f("sync", "Ray mode", choices=("sync", "async"))
+    workers: int = _f(
+        0, "workers, each with --num-estimators estimators (0: one serial in-process worker)"
+    )
+    executor: str = _f(
+        "auto",
+        "who runs the workers: auto (Ray when --workers >= 1, else serial), ray (Ray actors), "
+        "serial (all --workers in this process; reproduces a Ray sync run bit for bit)",
+        choices=("auto", "serial", "ray"),
+    )
+    address: str | None = _f(
+        None,
+        "Ray cluster to join: auto | HOST:PORT | local (embedded Ray even if RAY_ADDRESS is set); "
+        "unset: RAY_ADDRESS, else an embedded local Ray",
+    )
+    mode: str = _f(
+        "sync",
+        "Ray mode: sync (one gradient per worker per step) or async (staleness-bounded)",
+        choices=("sync", "async"),
+    )
     staleness: int = _f(1, "async mode: max age in outer steps of an accepted gradient")
-    threads: int = _f(0, "torch threads per process (0: torch default)")
+    threads: int = _f(0, "torch threads per process (0: torch default; Ray actors then use 1)")
+    worker_timeout: float = _f(
+        300.0, "Ray: seconds a worker may take for one step before it is restarted (0: no limit)"
+    )
+    worker_restarts: int = _f(10, "Ray: restarts allowed per worker actor (-1: unlimited)")
     # -- outputs ----------------------------------------------------------------------------------
     out_dir: str | None = _f(None, "run directory (default runs/<family>-<estimator>-<time>)")
     checkpoint_every: int = _f(50, "checkpoint every N outer steps (0: only at the end)")
@@ -93,7 +122,44 @@ class MetaTrainConfig:
             )
         if not (self.sigma > 0 and self.outer_lr > 0 and self.grad_clip > 0):
             raise ValueError("--sigma, --outer-lr and --grad-clip must be > 0")
+        self.lopt_config()
+        if self.lopt_backend not in ("auto", "torch", "cpp"):
+            raise ValueError(
+                f"--lopt-backend must be auto, torch or cpp, got {self.lopt_backend!r}"
+            )
+        self._validate_execution()
         return self
+
+    def lopt_config(self):
+        """The learned optimizer's architecture: the preset with ``lopt_option`` applied."""
+        import lopt
+
+        base = lopt.preset(self.lopt)
+        if not self.lopt_option:
+            return base
+        return lopt.SmallFCConfig.from_dict({**base.to_dict(), **self.lopt_option})
+
+    def _validate_execution(self) -> None:
+        if self.executor not in ("auto", "serial", "ray"):
+            raise ValueError(f"--executor must be auto, serial or ray, got {self.executor!r}")
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"--mode must be sync or async, got {self.mode!r}")
+        if self.workers < 0 or self.staleness < 0 or self.worker_timeout < 0:
+            raise ValueError("--workers, --staleness and --worker-timeout must be >= 0")
+        if self.executor == "ray" and self.workers < 1:
+            raise ValueError("--executor ray needs --workers N with N >= 1 (one actor per worker)")
+        if not self.uses_ray and self.address not in (None, "", "local"):
+            raise ValueError(
+                f"--address {self.address} joins a Ray cluster, but this run is serial; "
+                "add --workers N (N >= 1)"
+            )
+        if not self.uses_ray and self.mode == "async":
+            raise ValueError("--mode async needs Ray workers; add --workers N (N >= 1)")
+
+    @property
+    def uses_ray(self) -> bool:
+        """Whether the workers run as Ray actors (else in this process)."""
+        return self.executor == "ray" or (self.executor == "auto" and self.workers >= 1)
 
     @property
     def offset(self) -> int:
@@ -130,9 +196,9 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _task_option(text: str) -> tuple[str, Any]:
+def _key_value(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--task-option needs KEY=VALUE, got {text!r}")
+        raise argparse.ArgumentTypeError(f"needs KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
     return key.strip(), _parse_value(value)
 
@@ -150,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(MetaTrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
-        if f.name == "task_option":
-            parser.add_argument(flag, type=_task_option, action="append", help=help_text)
+        if f.name in ("task_option", "lopt_option"):
+            parser.add_argument(flag, type=_key_value, action="append", help=help_text)
         elif f.type in ("bool", bool):
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, help=help_text, default=None
@@ -181,8 +247,8 @@ def config_from_args(
         given = getattr(args, f.name, None)
         if given is None:
             continue
-        if f.name == "task_option":
-            values["task_option"] = {**values.get("task_option", {}), **dict(given)}
+        if f.name in ("task_option", "lopt_option"):
+            values[f.name] = {**values.get(f.name, {}), **dict(given)}
         else:
             values[f.name] = given
     return MetaTrainConfig.from_dict(values).validate()

@@ -1,7 +1,11 @@
 """Executors: who computes the workers' gradients. The trainer only sees this seam.
 
 ``SerialExecutor`` runs every worker in this process, one after the other: the default for
-tests and debugging (Ray's ``local_mode`` no longer exists), and bit-reproducible.
+tests and debugging (Ray's ``local_mode`` no longer exists), and bit-reproducible. With the same
+``--workers N`` it computes exactly what a Ray run in sync mode computes (same worker ids, same
+seeds, same averaging order), and both write the same checkpoint layout, so a run can be
+compared or resumed across the two. ``RayExecutor`` (``ray_executor.py``) wraps each worker in
+an actor.
 """
 
 from __future__ import annotations
@@ -46,15 +50,17 @@ class SerialExecutor:
                 f"{len(self.workers)}; resume with the same --workers"
             )
         for worker, ws in zip(self.workers, state["workers"]):
-            worker.load_state_dict(ws)
+            if ws is not None:  # None: a Ray worker that was down at the checkpoint; keep fresh
+                worker.load_state_dict(ws)
 
     def close(self) -> None:
         pass
 
 
 def make_executor(cfg: MetaTrainConfig) -> Executor:
-    if cfg.workers <= 0:
-        return SerialExecutor(cfg)
+    """Serial for ``--workers 0`` or ``--executor serial``, else Ray actors."""
+    if not cfg.uses_ray:
+        return SerialExecutor(cfg, max(1, cfg.workers))
     from .ray_executor import RayExecutor  # imported lazily: Ray is heavy
 
     return RayExecutor(cfg)

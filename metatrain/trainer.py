@@ -44,6 +44,8 @@ RESUMABLE_CHANGES = {
     "publish",
     "threads",
     "address",
+    "worker_timeout",
+    "worker_restarts",
 }
 
 
@@ -112,8 +114,16 @@ def _trim_metrics(path: Path, start: int) -> None:
     """Drop metric lines of steps the resumed run will redo (written after the checkpoint)."""
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
+    kept = [ln for ln in path.read_text().splitlines() if _metric_step(ln) < start]
     path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _metric_step(line: str) -> float:
+    """A metrics line's step; a line torn by a killed driver (partial buffer flush) is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def train(
@@ -135,7 +145,7 @@ def train(
             "or choose another --out-dir"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    lopt_cfg = lopt.preset(cfg.lopt)
+    lopt_cfg = cfg.lopt_config()
     theta0 = lopt.init_theta(lopt_cfg, torch.Generator().manual_seed(derive_seed(cfg.seed, 3)))
     learner = OuterLearner(lopt.flatten_theta(theta0, lopt_cfg), cfg.outer_lr, cfg.grad_clip)
     executor = executor or make_executor(cfg)
@@ -190,6 +200,8 @@ def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[
             t0 = time.perf_counter()
             results = executor.gradients(learner.theta, step)
             metrics = _average(results)
+            # Ray: gradients averaged, worker faults, async staleness (none for serial)
+            metrics.update(getattr(executor, "step_metrics", dict)())
             metrics.update(learner.apply([r.grad for r in results], metrics["meta_loss"]))
             dt = time.perf_counter() - t0
             total_inner += int(metrics["inner_steps"])
@@ -247,6 +259,17 @@ TB_NAMES = {
     "inner_steps": "inner/steps",
     "inner_steps_per_s": "inner/steps_per_s",
     "outer_step_s": "time/outer_step_s",
+    **{
+        k: f"ray/{k}"
+        for k in (
+            "gradients",
+            "worker_failures",
+            "workers_live",
+            "staleness_mean",
+            "staleness_max",
+            "dropped_gradients",
+        )
+    },
 }
 
 

@@ -20,6 +20,7 @@ from lopt.config import SmallFCConfig
 from .schedules import NeverEnding, Schedule
 
 TensorTree = dict[str, Any]
+LOPT_BACKENDS = ("torch", "cpp", "auto")
 
 
 @dataclass
@@ -87,9 +88,13 @@ def _pairs_to_lanes(tree: TensorTree) -> TensorTree:
 class TaskLanes:
     """Lanes of one task (one static config) trained by small_fc_lopt with per-lane θ.
 
-    A lane state is ``{"params", "opt_state", "task_cfg"}``. One slot is a single
-    ``torch.func.vmap`` over (θ lane, params, optimizer state, batch, task config) of the inner
-    gradient and the small_fc_lopt update; no autograd graph survives the slot.
+    A lane state is ``{"params", "opt_state", "task_cfg"}``. With ``lopt_backend="torch"`` (the
+    reference) one slot is a single ``torch.func.vmap`` over (θ lane, params, optimizer state,
+    batch, task config) of the inner gradient and the small_fc_lopt update. ``"cpp"`` vmaps the
+    inner gradient only and applies the update with the fused CPU kernel per lane
+    (:func:`lopt.kernels.lanes.update_lanes`, parity-tested against the vmapped core): the same
+    math, several times faster on real tasks. ``"auto"`` picks ``"cpp"`` when the kernel loads.
+    No autograd graph survives a slot.
     """
 
     def __init__(
@@ -101,11 +106,22 @@ class TaskLanes:
         num_streams: int,
         stream_seed: int,
         split: str = "train",
+        lopt_backend: str = "torch",
     ) -> None:
+        if lopt_backend not in LOPT_BACKENDS:
+            raise ValueError(
+                f"unknown lopt backend {lopt_backend!r}; valid: {', '.join(LOPT_BACKENDS)}"
+            )
         self.task, self.family, self.static = task, family, static
         self.lopt_config = lopt_config
         self.stream = task.batches(split, num_streams, stream_seed)
         self._step_all = torch.func.vmap(self._lane_train, randomness="error")
+        self._grads_all = torch.func.vmap(torch.func.grad_and_value(task.loss), randomness="error")
+        if lopt_backend == "auto":
+            from lopt.kernels import cpp_is_available
+
+            lopt_backend = "cpp" if cpp_is_available() else "torch"
+        self.lopt_backend = lopt_backend
 
     def fresh(self, n: int, generator: torch.Generator) -> TensorTree:
         cfgs, params = [], []
@@ -133,9 +149,18 @@ class TaskLanes:
         return new_params, new_state, loss
 
     def step(self, theta_lanes: torch.Tensor, state: TensorTree, batch: TensorTree):
-        params, opt_state, loss = self._step_all(
-            theta_lanes, state["params"], state["opt_state"], batch, state["task_cfg"]
-        )
+        if self.lopt_backend == "cpp":
+            # vmap for the inner gradients; the fused op, lane by lane, for the lopt update.
+            from lopt.kernels.lanes import update_lanes
+
+            grads, loss = self._grads_all(state["params"], batch, state["task_cfg"])
+            params, opt_state = update_lanes(
+                theta_lanes, state["opt_state"], state["params"], grads, self.lopt_config
+            )
+        else:
+            params, opt_state, loss = self._step_all(
+                theta_lanes, state["params"], state["opt_state"], batch, state["task_cfg"]
+            )
         return {"params": params, "opt_state": opt_state, "task_cfg": state["task_cfg"]}, loss
 
     def normalizer(self, loss: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-import lopt
 import tasks
 
 from .config import MetaTrainConfig
@@ -48,8 +47,10 @@ def build_estimator(cfg: MetaTrainConfig, static_dict: dict[str, Any] | None, se
     gen = torch.Generator().manual_seed(seed)
     static = tasks.static_from_dict(static_dict) if static_dict else family.sample_static(gen)
     task = family.make_task(static)
-    lopt_cfg = lopt.preset(cfg.lopt)
-    problem = TaskLanes(task, family, static, lopt_cfg, cfg.num_tasks, derive_seed(seed, 1))
+    problem = TaskLanes(
+        task, family, static, cfg.lopt_config(), cfg.num_tasks, derive_seed(seed, 1),
+        lopt_backend=cfg.lopt_backend,
+    )  # fmt: skip
     shaping = get_shaping(cfg.shaping)
     if cfg.estimator == "full_es":
         lengths = make_schedule(cfg.schedule, cfg.trajectory_length, cfg.min_trajectory_length)

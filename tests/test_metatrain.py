@@ -333,3 +333,53 @@ def test_publish_puts_the_final_theta_in_the_zoo(tmp_path, monkeypatch):
         assert torch.equal(entry.theta[k], v)
     model = torch.nn.Linear(3, 2)
     lopt.SmallFCLOpt(model.parameters(), "small_fc_lopt/tiny_test")
+
+
+@pytest.mark.parametrize("preset", ["original", "mulo"])
+def test_fused_lane_update_matches_the_vmapped_core(preset):
+    """The cpp lopt backend of the unroll computes the same slots as the vmapped reference."""
+    from lopt.kernels import cpp_is_available
+
+    assert cpp_is_available(), "the fused CPU kernel must build here (python -m lopt.kernels build)"
+    family = tasks.get_family("mlp_mnist", image_sizes=8, depth=2, width=[8, 20], batch_size=16)
+    gen = torch.Generator().manual_seed(4)
+    static = family.sample_static(gen)
+    task = family.make_task(static)
+    cfg = lopt.preset(preset)
+    lanes = {
+        backend: TaskLanes(task, family, static, cfg, 3, 1, lopt_backend=backend)
+        for backend in ("torch", "cpp")
+    }
+    start = lanes["torch"].fresh(6, torch.Generator().manual_seed(5))
+    thetas = torch.stack(
+        [
+            lopt.flatten_theta(lopt.init_theta(cfg, torch.Generator().manual_seed(s)), cfg)
+            for s in range(6)
+        ]
+    )
+    thetas = thetas + 0.05 * torch.randn(thetas.shape, generator=gen)
+    states = {b: start for b in lanes}
+    for _ in range(5):
+        batch = {k: torch.cat([v, v]) for k, v in next(lanes["torch"].stream).items()}
+        for b in lanes:
+            states[b], _ = lanes[b].step(thetas, states[b], batch)
+    for k, ref in states["torch"]["params"].items():
+        moved = (ref - start["params"][k]).abs().max()
+        assert (states["cpp"]["params"][k] - ref).abs().max() <= 1e-5 * moved + 1e-7, k
+    torch.testing.assert_close(states["cpp"]["opt_state"]["t"], states["torch"]["opt_state"]["t"])
+
+
+def test_unknown_lopt_backend():
+    family = tasks.get_family("quadratic")
+    static = family.sample_static(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="unknown lopt backend 'gpu'; valid: torch, cpp, auto"):
+        TaskLanes(family.make_task(static), family, static, lopt.ORIGINAL, 1, 0, lopt_backend="gpu")
+
+
+def test_lopt_option_overrides_the_preset(tmp_path):
+    cfg = tiny_config(tmp_path, outer_steps=1, lopt_option={"step_mult": 0.01})
+    assert cfg.lopt_config().step_mult == 0.01
+    theta, saved = lopt.load_theta(train(cfg).run_dir / "theta.safetensors")
+    assert saved.step_mult == 0.01
+    with pytest.raises(ValueError, match="unknown small_fc_lopt config keys"):
+        tiny_config(tmp_path, lopt_option={"stepmult": 0.01}).validate()
