@@ -63,6 +63,9 @@ class MetaTrainConfig:
     outer_lr: float = _f(1e-3, "Adam learning rate on θ")
     grad_clip: float = _f(3.0, "elementwise clip of the meta-gradient before Adam")
     seed: int = _f(0, "run seed (tasks, perturbations, data)")
+    max_time: float = _f(
+        0.0, "stop after this many seconds of meta-training, with a checkpoint (0: no limit)"
+    )
     # -- execution --------------------------------------------------------------------------------
     workers: int = _f(
         0, "workers, each with --num-estimators estimators (0: one serial in-process worker)"

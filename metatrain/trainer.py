@@ -45,6 +45,7 @@ RESUMABLE_CHANGES = {
     "threads",
     "address",
     "worker_timeout",
+    "max_time",
     "worker_restarts",
 }
 
@@ -219,8 +220,10 @@ def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[
             now = time.perf_counter()
             elapsed, t_last = elapsed + (now - t_last), now
             done = step + 1
-            if cfg.checkpoint_every and (
-                done % cfg.checkpoint_every == 0 or done == cfg.outer_steps
+            out_of_time = cfg.max_time > 0 and elapsed >= cfg.max_time
+            if out_of_time or (
+                cfg.checkpoint_every
+                and (done % cfg.checkpoint_every == 0 or done == cfg.outer_steps)
             ):
                 save_checkpoint(
                     run_dir,
@@ -234,12 +237,16 @@ def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[
                     },
                     keep=cfg.keep_checkpoints,
                 )
+            if out_of_time:
+                log.info("--max-time %.0f s reached after %d outer steps", cfg.max_time, done)
+                break
     finally:
         bar.close()
         metrics_file.close()
         writer.close()
     summary = {
-        "outer_steps": cfg.outer_steps,
+        "outer_steps": start + len(history),
+        "outer_steps_planned": cfg.outer_steps,
         "wall_time_s": elapsed,
         "total_inner_steps": total_inner,
         "final_meta_loss": history[-1] if history else None,
@@ -284,7 +291,7 @@ def _publish(cfg, run_dir, theta, lopt_cfg, command, summary) -> None:
         "task_family": cfg.task_family,
         "meta_training": cfg.to_dict(),
         "command": command,
-        "outer_steps": cfg.outer_steps,
+        "outer_steps": summary["outer_steps"],
         "seed": cfg.seed,
         "wall_time_s": round(summary["wall_time_s"], 1),
         "total_inner_steps": summary["total_inner_steps"],

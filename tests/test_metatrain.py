@@ -383,3 +383,14 @@ def test_lopt_option_overrides_the_preset(tmp_path):
     assert saved.step_mult == 0.01
     with pytest.raises(ValueError, match="unknown small_fc_lopt config keys"):
         tiny_config(tmp_path, lopt_option={"stepmult": 0.01}).validate()
+
+
+def test_max_time_stops_with_a_checkpoint_and_final_weights(tmp_path):
+    cfg = tiny_config(tmp_path, outer_steps=10_000, checkpoint_every=0, max_time=1.0)
+    result = train(cfg)
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert 0 < summary["outer_steps"] < 10_000 and summary["outer_steps_planned"] == 10_000
+    assert summary["wall_time_s"] >= 1.0
+    ckpt = (result.run_dir / "checkpoints" / "latest").read_text()
+    assert ckpt == f"ckpt-{summary['outer_steps']:08d}.pt"
+    assert (result.run_dir / "theta.safetensors").exists()
