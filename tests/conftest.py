@@ -8,6 +8,17 @@ import os
 import pytest
 
 
+@pytest.fixture
+def zroot(tmp_path, monkeypatch):
+    """A fresh user zoo (via LOZOO_ZOO) and an empty bundled zoo for every test."""
+    root = tmp_path / "zoo"
+    monkeypatch.setenv("LOZOO_ZOO", str(root))
+    from zoo import store
+
+    monkeypatch.setattr(store, "BUNDLED_ROOT", tmp_path / "bundled")
+    return root
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One real, embedded Ray for the whole session's in-process Ray tests (2 CPUs, no dashboard).

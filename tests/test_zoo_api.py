@@ -14,15 +14,6 @@ import zoo
 from zoo import store
 
 
-@pytest.fixture
-def zroot(tmp_path, monkeypatch):
-    """A fresh user zoo (via LOZOO_ZOO) and an empty bundled zoo for every test."""
-    root = tmp_path / "zoo"
-    monkeypatch.setenv("LOZOO_ZOO", str(root))
-    monkeypatch.setattr(store, "BUNDLED_ROOT", tmp_path / "bundled")
-    return root
-
-
 def theta(seed=0, cfg=lopt.ORIGINAL):
     return lopt.init_theta(cfg, torch.Generator().manual_seed(seed))
 

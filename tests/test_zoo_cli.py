@@ -13,19 +13,10 @@ import torch
 
 import lopt
 import zoo
-from zoo import store
 from zoo.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["list", "show", "verify", "publish", "remove", "import-pylo"]
-
-
-@pytest.fixture
-def zroot(tmp_path, monkeypatch):
-    root = tmp_path / "zoo"
-    monkeypatch.setenv("LOZOO_ZOO", str(root))
-    monkeypatch.setattr(store, "BUNDLED_ROOT", tmp_path / "bundled")
-    return root
 
 
 def run_dir(path: Path, seed: int = 0) -> Path:

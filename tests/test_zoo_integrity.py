@@ -19,14 +19,6 @@ REF = "f/n:1.0.0"
 
 
 @pytest.fixture
-def zroot(tmp_path, monkeypatch):
-    root = tmp_path / "zoo"
-    monkeypatch.setenv("LOZOO_ZOO", str(root))
-    monkeypatch.setattr(store, "BUNDLED_ROOT", tmp_path / "bundled")
-    return root
-
-
-@pytest.fixture
 def entry(zroot):
     theta = lopt.init_theta(lopt.ORIGINAL, torch.Generator().manual_seed(0))
     return zoo.publish(theta, lopt.ORIGINAL, "f/n")

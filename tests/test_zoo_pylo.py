@@ -14,15 +14,6 @@ from torch import nn
 import lopt
 import zoo
 from lopt import core
-from zoo import store
-
-
-@pytest.fixture
-def zroot(tmp_path, monkeypatch):
-    root = tmp_path / "zoo"
-    monkeypatch.setenv("LOZOO_ZOO", str(root))
-    monkeypatch.setattr(store, "BUNDLED_ROOT", tmp_path / "bundled")
-    return root
 
 
 class MetaMLP(nn.Module):
