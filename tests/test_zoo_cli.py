@@ -59,8 +59,10 @@ def test_end_to_end_publish_list_verify_train_in_subprocesses(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("published test/e2e:1.0.0 -> ")
     listed = zoo_cli("list", root=root)
-    assert listed.returncode == 0 and "test/e2e:1.0.0  user" in listed.stdout
-    assert "quadratic" in listed.stdout
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in listed.stdout.splitlines()[1:]}
+    assert rows["test/e2e:1.0.0"][0] == "user" and "quadratic" in rows["test/e2e:1.0.0"]
+    assert rows["small_fc_lopt/mlp_mnist:1.0.0"][0] == "bundled"
     checked = zoo_cli("verify", root=root)
     assert checked.returncode == 0 and "OK    test/e2e:1.0.0 (user)" in checked.stdout
     env = {**os.environ, "LOZOO_ZOO": str(root), "PYTHONPATH": str(REPO)}
