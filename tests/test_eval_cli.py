@@ -15,12 +15,13 @@ import numpy as np
 import pytest
 
 import zoo
-from metatrain import MetaTrainConfig, train
+from metatrain import train
 from metatrain.eval import main
 from metatrain.evaluation import REPORT_SCHEMA
 from metatrain.evaluation.seeds import effective, metatrain_seeds
+from tests.tiny_runs import TINY_MNIST as TINY
+from tests.tiny_runs import tiny_config
 
-TINY = {"image_sizes": [8], "depth": 1, "width": 16, "batch_size": 32}
 TINY_FLAGS = [f for k, v in TINY.items() for f in ("--task-option", f"{k}={json.dumps(v)}")]
 NAME = "small_fc_lopt/eval-test"
 
@@ -28,19 +29,7 @@ NAME = "small_fc_lopt/eval-test"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("meta") / "run"
-    cfg = MetaTrainConfig(
-        task_family="mlp_mnist",
-        task_option=dict(TINY),
-        num_tasks=2,
-        truncation_length=3,
-        trajectory_length=12,
-        min_trajectory_length=4,
-        outer_steps=3,
-        checkpoint_every=0,
-        progress=False,
-        seed=77,
-        out_dir=str(out),
-    )
+    cfg = tiny_config(out, outer_steps=3, checkpoint_every=0, seed=77)
     train(cfg)
     return out
 

@@ -11,26 +11,14 @@ import torch
 from metatrain import MetaTrainConfig, train
 from metatrain.cli import main as cli_main
 from metatrain.executors import SerialExecutor, make_executor
-
-TINY_MNIST = {"image_sizes": [8], "depth": 1, "width": 16, "batch_size": 32}
+from tests.tiny_runs import tiny_config
 
 
 def tiny(out_dir, **overrides) -> MetaTrainConfig:
-    values = dict(
-        task_family="mlp_mnist",
-        task_option=dict(TINY_MNIST),
-        num_tasks=2,
-        truncation_length=3,
-        trajectory_length=20,
-        min_trajectory_length=5,
-        outer_steps=5,
-        checkpoint_every=0,
-        log_every=1,
-        progress=False,
-        out_dir=str(out_dir),
+    settings = dict(
+        trajectory_length=20, min_trajectory_length=5, outer_steps=5, checkpoint_every=0
     )
-    values.update(overrides)
-    return MetaTrainConfig(**values)
+    return tiny_config(out_dir, **{**settings, **overrides})
 
 
 def untimed(run_dir) -> list[dict]:

@@ -19,26 +19,12 @@ from metatrain.config import build_parser
 from metatrain.estimators import PES, FullES
 from metatrain.schedules import Constant, NeverEnding
 from metatrain.unroll import TaskLanes, VectorizedUnroll
-
-TINY_MNIST = {"image_sizes": [8], "depth": 1, "width": 16, "batch_size": 32}
+from tests.tiny_runs import TINY_MNIST
+from tests.tiny_runs import tiny_config as shared_tiny_config
 
 
 def tiny_config(tmp_path, **overrides) -> MetaTrainConfig:
-    values = dict(
-        task_family="mlp_mnist",
-        task_option=dict(TINY_MNIST),
-        num_tasks=2,
-        truncation_length=3,
-        trajectory_length=12,
-        min_trajectory_length=4,
-        outer_steps=6,
-        checkpoint_every=3,
-        log_every=1,
-        progress=False,
-        out_dir=str(tmp_path / "run"),
-    )
-    values.update(overrides)
-    return MetaTrainConfig(**values)
+    return shared_tiny_config(tmp_path / "run", **overrides)
 
 
 # --------------------------------------------------------------------------- S2: vmap vs loop

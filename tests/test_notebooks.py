@@ -14,13 +14,13 @@ import pytest
 from nbclient import NotebookClient
 
 import zoo
-from metatrain import MetaTrainConfig, train
+from metatrain import train
+from tests.tiny_runs import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 DEFAULT_REF = "small_fc_lopt/mlp_mnist"
 LIMIT_S = 180
-TINY = {"image_sizes": [8], "depth": 1, "width": 16, "batch_size": 32}
 
 
 def test_notebooks_are_generated_and_carry_no_outputs():
@@ -56,18 +56,7 @@ def notebook_env(tmp_path_factory):
             zoo.resolve(DEFAULT_REF)  # the bundled default entry, once it ships
         except zoo.EntryNotFoundError:
             run = tmp_path_factory.mktemp("meta") / "run"
-            cfg = MetaTrainConfig(
-                task_family="mlp_mnist",
-                task_option=dict(TINY),
-                num_tasks=2,
-                truncation_length=3,
-                trajectory_length=12,
-                min_trajectory_length=4,
-                outer_steps=3,
-                checkpoint_every=0,
-                progress=False,
-                out_dir=str(run),
-            )
+            cfg = tiny_config(run, outer_steps=3, checkpoint_every=0)
             train(cfg)
             zoo.publish_dir(run, DEFAULT_REF)
         yield root

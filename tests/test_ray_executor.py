@@ -16,31 +16,17 @@ import torch
 from metatrain import MetaTrainConfig, train
 from metatrain.executors import SerialExecutor, make_executor
 from metatrain.ray_executor import RayExecutor
+from tests.tiny_runs import tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
-TINY_MNIST = {"image_sizes": [8], "depth": 1, "width": 16, "batch_size": 32}
 TIMING = ("inner_steps_per_s", "outer_step_s")
 RAY_ONLY = ("gradients", "worker_failures", "workers_live")
 
 
 def tiny(out_dir, **overrides) -> MetaTrainConfig:
-    values = dict(
-        task_family="mlp_mnist",
-        task_option=dict(TINY_MNIST),
-        num_tasks=2,
-        truncation_length=3,
-        trajectory_length=20,
-        min_trajectory_length=5,
-        outer_steps=6,
-        checkpoint_every=3,
-        log_every=1,
-        progress=False,
-        workers=2,
-        out_dir=str(out_dir),
-    )
-    values.update(overrides)
-    return MetaTrainConfig(**values)
+    settings = dict(trajectory_length=20, min_trajectory_length=5, workers=2)
+    return tiny_config(out_dir, **{**settings, **overrides})
 
 
 def metric_lines(run_dir, drop=TIMING + RAY_ONLY) -> list[dict]:
