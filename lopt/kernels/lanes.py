@@ -21,11 +21,11 @@ from ..theta import unflatten_theta
 from . import ops
 
 
-def lane_layers(theta_lanes: torch.Tensor, cfg: SmallFCConfig) -> list[list[torch.Tensor]]:
-    """Per lane, the op's ``[w0, b0, ..., wL, bL]`` (contiguous views into ``theta_lanes``)."""
-    theta = unflatten_theta(theta_lanes.contiguous(), cfg)
+def _lane_layers(theta: Mapping[str, torch.Tensor], cfg: SmallFCConfig) -> list[list[torch.Tensor]]:
+    """Per lane, the op's ``[w0, b0, ..., wL, bL]`` (views into the lane-stacked ``theta``)."""
     names = [n for k in range(len(cfg.layer_sizes())) for n in (f"w{k}", f"b{k}")]
-    return [[theta[n][lane] for n in names] for lane in range(theta_lanes.shape[0])]
+    lanes = len(theta[names[0]])
+    return [[theta[n][lane] for n in names] for lane in range(lanes)]
 
 
 @torch.no_grad()
@@ -49,9 +49,9 @@ def update_lanes(
             "build`, or meta-train with --lopt-backend torch"
         )
     op = ops.step_op()
-    theta = unflatten_theta(theta_lanes, cfg)
+    theta = unflatten_theta(theta_lanes.contiguous(), cfg)
     decays = torch.cat(core.effective_decays(theta, cfg), dim=-1).contiguous()  # [L, 7]
-    layers = lane_layers(theta_lanes, cfg)
+    layers = _lane_layers(theta, cfg)
     new_params = {k: v.detach().clone().contiguous() for k, v in params.items()}
     tensors = {
         name: {k: v.clone().contiguous() for k, v in st.items()}
