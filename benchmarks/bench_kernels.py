@@ -74,8 +74,7 @@ def _states(cfg, params):
 def make_method(name: str, cfg, theta, params, grads) -> Callable[[], None]:
     """A closure performing one optimizer step of the whole set with method ``name``."""
     decays_t = core.effective_decays(theta, cfg)
-    decays = torch.cat(decays_t)
-    layers = [theta[f"{kind}{k}"] for k in range(len(cfg.layer_sizes())) for kind in "wb"]
+    decays, layers = ops.theta_args(theta, cfg)
     dims = [core.factored_dims(tuple(p.shape) or (1,), cfg.tie_break) or (-1, -1) for p in params]
     counter = [0]
     if name in ("torch", "fused"):

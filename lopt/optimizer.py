@@ -304,10 +304,7 @@ def small_fc_step(
     prepared: dict[torch.device, tuple[torch.Tensor, list[torch.Tensor]]] = {}
     for p, grad, state in work:
         if p.device not in prepared:
-            theta = theta_on(p.device)
-            decays = torch.cat(core.effective_decays(theta, cfg)).contiguous()
-            layers = [theta[f"{kind}{k}"] for k in range(len(cfg.layer_sizes())) for kind in "wb"]
-            prepared[p.device] = decays, [w.contiguous() for w in layers]
+            prepared[p.device] = kernels.theta_args(theta_on(p.device), cfg)
         decays, layers = prepared[p.device]
         d1, d0 = core.factored_dims(p.shape, cfg.tie_break) or (-1, -1)
         step_fn = kernels.step_function(backend, p.device)

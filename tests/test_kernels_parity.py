@@ -57,9 +57,7 @@ def step_fn_for(name: str):
 
 
 def op_inputs(theta: dict, cfg: SmallFCConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    decays = torch.cat(core.effective_decays(theta, cfg))
-    layers = [theta[f"{kind}{k}"] for k in range(len(cfg.layer_sizes())) for kind in "wb"]
-    return decays, layers
+    return ops.theta_args(theta, cfg)
 
 
 def run_backend(fn, cfg, theta, p0, grads, *, lr=1.0, wd=0.0, maximize=False, **kwargs):

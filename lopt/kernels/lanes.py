@@ -21,13 +21,6 @@ from ..theta import unflatten_theta
 from . import ops
 
 
-def _lane_layers(theta: Mapping[str, torch.Tensor], cfg: SmallFCConfig) -> list[list[torch.Tensor]]:
-    """Per lane, the op's ``[w0, b0, ..., wL, bL]`` (views into the lane-stacked ``theta``)."""
-    names = [n for k in range(len(cfg.layer_sizes())) for n in (f"w{k}", f"b{k}")]
-    lanes = len(theta[names[0]])
-    return [[theta[n][lane] for n in names] for lane in range(lanes)]
-
-
 @torch.no_grad()
 def update_lanes(
     theta_lanes: torch.Tensor,
@@ -49,9 +42,8 @@ def update_lanes(
             "build`, or meta-train with --lopt-backend torch"
         )
     op = ops.step_op()
-    theta = unflatten_theta(theta_lanes.contiguous(), cfg)
-    decays = torch.cat(core.effective_decays(theta, cfg), dim=-1).contiguous()  # [L, 7]
-    layers = _lane_layers(theta, cfg)
+    decays, stacked = ops.theta_args(unflatten_theta(theta_lanes, cfg), cfg)  # [L, 7], [L, ...]
+    layers = [[w[lane] for w in stacked] for lane in range(len(decays))]
     new_params = {k: v.detach().clone().contiguous() for k, v in params.items()}
     tensors = {
         name: {k: v.clone().contiguous() for k, v in st.items()}

@@ -26,8 +26,12 @@ pure-torch twin with the same signature; both validate arguments with the same m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
+from .. import core
+from ..config import SmallFCConfig
 from . import build
 from .validate import check_step_args
 
@@ -81,6 +85,20 @@ def cuda_unavailable_reason(build_if_needed: bool = True) -> str | None:
 def cuda_is_available(build_if_needed: bool = True) -> bool:
     """Whether the compiled CUDA kernel can run in this process (builds it once if allowed)."""
     return cuda_unavailable_reason(build_if_needed) is None
+
+
+def theta_args(
+    theta: Mapping[str, torch.Tensor], cfg: SmallFCConfig
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The op's θ-derived arguments ``(decays, layers)``, contiguous.
+
+    θ may also be lane-stacked (every tensor with a leading lane axis): then ``decays`` is
+    ``[L, 7]`` and each layer ``[L, ...]``, and ``decays[i]``, ``[w[i] for w in layers]`` are
+    lane i's arguments.
+    """
+    decays = torch.cat(core.effective_decays(theta, cfg), dim=-1).contiguous()
+    names = [f"{kind}{k}" for k in range(len(cfg.layer_sizes())) for kind in "wb"]
+    return decays, [theta[name].contiguous() for name in names]
 
 
 def step_op() -> torch._ops.OpOverload:
