@@ -17,6 +17,7 @@ from metatrain import MetaTrainConfig, train
 from metatrain.cli import main as cli_main
 from metatrain.config import build_parser
 from metatrain.estimators import PES, FullES
+from metatrain.evaluation.source import resolve_optimizer
 from metatrain.schedules import Constant, NeverEnding
 from metatrain.unroll import TaskLanes, VectorizedUnroll
 from tests.tiny_runs import TINY_MNIST
@@ -380,3 +381,6 @@ def test_max_time_stops_with_a_checkpoint_and_final_weights(tmp_path):
     ckpt = (result.run_dir / "checkpoints" / "latest").read_text()
     assert ckpt == f"ckpt-{summary['outer_steps']:08d}.pt"
     assert (result.run_dir / "theta.safetensors").exists()
+    # what evaluation and publishing inherit is the number of steps that ran, not the plan
+    source = resolve_optimizer(str(result.run_dir))
+    assert source.provenance["outer_steps"] == summary["outer_steps"]

@@ -109,7 +109,8 @@ def _from_run_dir(ref: str, path: Path) -> LearnedSource:
         )
     if run_config and run_config.get("command"):
         provenance["command"] = run_config["command"]
-    for key in ("wall_time_s", "final_meta_loss"):
+    # the summary knows what ran: --max-time may stop a run before its planned outer steps
+    for key in ("outer_steps", "wall_time_s", "final_meta_loss"):
         if summary and summary.get(key) is not None:
             provenance[key] = summary[key]
     provenance["run_dir"] = str(path.resolve())
