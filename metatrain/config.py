@@ -15,6 +15,10 @@ from typing import Any
 
 from .estimators import ESTIMATOR_NAMES
 from .shaping import SHAPINGS
+from .unroll import LOPT_BACKENDS
+
+EXECUTORS = ("auto", "serial", "ray")
+RAY_MODES = ("sync", "async")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -38,7 +42,7 @@ class MetaTrainConfig:
         "auto",
         "lopt update in the unroll: torch (vmapped pure-torch core, the reference), cpp (fused "
         "CPU kernel per lane, parity-tested) or auto (cpp when the kernel loads)",
-        choices=("auto", "torch", "cpp"),
+        choices=LOPT_BACKENDS,
     )
     # -- estimator --------------------------------------------------------------------------------
     estimator: str = _f("pes", "gradient estimator", choices=ESTIMATOR_NAMES)
@@ -74,7 +78,7 @@ class MetaTrainConfig:
         "auto",
         "who runs the workers: auto (Ray when --workers >= 1, else serial), ray (Ray actors), "
         "serial (all --workers in this process; reproduces a Ray sync run bit for bit)",
-        choices=("auto", "serial", "ray"),
+        choices=EXECUTORS,
     )
     address: str | None = _f(
         None,
@@ -84,7 +88,7 @@ class MetaTrainConfig:
     mode: str = _f(
         "sync",
         "Ray mode: sync (one gradient per worker per step) or async (staleness-bounded)",
-        choices=("sync", "async"),
+        choices=RAY_MODES,
     )
     staleness: int = _f(1, "async mode: max age in outer steps of an accepted gradient")
     threads: int = _f(0, "torch threads per process (0: torch default; Ray actors then use 1)")
@@ -126,9 +130,10 @@ class MetaTrainConfig:
         if not (self.sigma > 0 and self.outer_lr > 0 and self.grad_clip > 0):
             raise ValueError("--sigma, --outer-lr and --grad-clip must be > 0")
         self.lopt_config()
-        if self.lopt_backend not in ("auto", "torch", "cpp"):
+        if self.lopt_backend not in LOPT_BACKENDS:
             raise ValueError(
-                f"--lopt-backend must be auto, torch or cpp, got {self.lopt_backend!r}"
+                f"--lopt-backend must be one of {', '.join(LOPT_BACKENDS)}, "
+                f"got {self.lopt_backend!r}"
             )
         self._validate_execution()
         return self
@@ -143,10 +148,12 @@ class MetaTrainConfig:
         return lopt.SmallFCConfig.from_dict({**base.to_dict(), **self.lopt_option})
 
     def _validate_execution(self) -> None:
-        if self.executor not in ("auto", "serial", "ray"):
-            raise ValueError(f"--executor must be auto, serial or ray, got {self.executor!r}")
-        if self.mode not in ("sync", "async"):
-            raise ValueError(f"--mode must be sync or async, got {self.mode!r}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(
+                f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}"
+            )
+        if self.mode not in RAY_MODES:
+            raise ValueError(f"--mode must be one of {', '.join(RAY_MODES)}, got {self.mode!r}")
         if self.workers < 0 or self.staleness < 0 or self.worker_timeout < 0:
             raise ValueError("--workers, --staleness and --worker-timeout must be >= 0")
         if self.executor == "ray" and self.workers < 1:
