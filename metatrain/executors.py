@@ -30,6 +30,16 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+def checkpoint_workers(state: dict[str, Any], num_workers: int) -> list[dict[str, Any] | None]:
+    """A checkpoint's per-worker states (``None``: saved as fresh), checked against this run."""
+    if len(state["workers"]) != num_workers:
+        raise ValueError(
+            f"checkpoint has {len(state['workers'])} workers but this run has "
+            f"{num_workers}; resume with the same --workers"
+        )
+    return state["workers"]
+
+
 class SerialExecutor:
     def __init__(self, cfg: MetaTrainConfig, num_workers: int = 1) -> None:
         self.workers = [Worker(cfg, i) for i in range(max(1, num_workers))]
@@ -44,12 +54,8 @@ class SerialExecutor:
         return {"workers": [w.state_dict() for w in self.workers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["workers"]) != len(self.workers):
-            raise ValueError(
-                f"checkpoint has {len(state['workers'])} workers but this run has "
-                f"{len(self.workers)}; resume with the same --workers"
-            )
-        for worker, ws in zip(self.workers, state["workers"]):
+        states = checkpoint_workers(state, len(self.workers))
+        for worker, ws in zip(self.workers, states):
             if ws is not None:  # None: a Ray worker that was down at the checkpoint; keep fresh
                 worker.load_state_dict(ws)
 

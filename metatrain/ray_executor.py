@@ -41,6 +41,7 @@ from ray.exceptions import (
 )
 
 from .config import MetaTrainConfig
+from .executors import checkpoint_workers
 from .ray_runtime import connect
 from .worker import Worker, WorkerResult
 
@@ -246,14 +247,10 @@ class RayExecutor:
         return {"workers": states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["workers"]) != self.num_workers:
-            raise ValueError(
-                f"checkpoint has {len(state['workers'])} workers but this run has "
-                f"{self.num_workers}; resume with the same --workers"
-            )
+        states = checkpoint_workers(state, self.num_workers)
         refs = [
             actor.load_state_dict.remote(ws)
-            for actor, ws in zip(self.actors, state["workers"])
+            for actor, ws in zip(self.actors, states)
             if ws is not None
         ]
         ray.get(refs)

@@ -72,3 +72,10 @@ def test_resume_drops_a_metrics_line_torn_by_a_killed_driver(tmp_path):
         f.write('{"step": 3, "meta_lo')
     result = train(tiny(tmp_path / "run", outer_steps=5, checkpoint_every=3), resume=True)
     assert [x["step"] for x in untimed(result.run_dir)] == list(range(5))
+
+
+def test_a_checkpoint_of_another_worker_count_is_refused(tmp_path):
+    two = SerialExecutor(tiny(tmp_path).validate(), 2)
+    one = SerialExecutor(tiny(tmp_path).validate(), 1)
+    with pytest.raises(ValueError, match="checkpoint has 2 workers but this run has 1; resume wi"):
+        one.load_state_dict(two.state_dict())
