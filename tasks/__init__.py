@@ -22,7 +22,8 @@ can equally be bucketed by config. Data streams are per estimator too: ``task.ba
 n_pairs, gen)`` gives one stream per perturbation pair, drawn as one stacked tensor.
 
 Families (:data:`FAMILY_NAMES`): ``mlp_mnist``, ``mlp_fashion_mnist`` (sampled, or
-``canonical=True`` for the fixed 2,410-parameter task), ``conv_mnist``, ``quadratic``. Their
+``canonical=True`` for the fixed 2,410-parameter task), ``mlp_digits`` (scikit-learn's 8×8
+digits), ``conv_mnist``, ``quadratic``. Their
 ranges are in each family class's docstring. Data sources: :mod:`tasks.datasets`.
 """
 
@@ -33,6 +34,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from tasks.augment import REPARAM_KEY, ReparamFamily, ReparamTask
 from tasks.base import (
     LaneCfg,
     Params,
@@ -48,6 +50,7 @@ from tasks.image_mlp import (
     CANONICAL_FASHION_MNIST,
     ImageMLPConfig,
     ImageMLPTask,
+    MLPDigitsFamily,
     MLPFashionMnistFamily,
     MLPMnistFamily,
 )
@@ -65,12 +68,16 @@ __all__ = [
     "ImageMLPConfig",
     "ImageMLPTask",
     "LaneCfg",
+    "MLPDigitsFamily",
     "MLPFashionMnistFamily",
     "MLPMnistFamily",
     "Params",
     "QuadraticConfig",
     "QuadraticFamily",
     "QuadraticTask",
+    "REPARAM_KEY",
+    "ReparamFamily",
+    "ReparamTask",
     "StaticCfg",
     "Task",
     "TaskFamily",
@@ -85,6 +92,7 @@ FAMILIES: Mapping[str, type[TaskFamily]] = MappingProxyType(
     {
         "mlp_mnist": MLPMnistFamily,
         "mlp_fashion_mnist": MLPFashionMnistFamily,
+        "mlp_digits": MLPDigitsFamily,
         "conv_mnist": ConvMnistFamily,
         "quadratic": QuadraticFamily,
     }
@@ -97,17 +105,25 @@ _STATIC_KINDS: Mapping[str, type[StaticCfg]] = MappingProxyType(
 
 
 def get_family(name: str, **overrides: Any) -> TaskFamily:
-    """The family called ``name``, with its typed fields overridden by ``overrides``."""
+    """The family called ``name``, with its typed fields overridden by ``overrides``.
+
+    One option is not a field but applies to every family: ``reparam_scale=(lo, hi)`` wraps the
+    family in the weight-rescaling augmentation (:class:`tasks.augment.ReparamFamily`).
+    """
     if name not in FAMILIES:
         raise ValueError(f"unknown task family {name!r}; valid names: {', '.join(FAMILY_NAMES)}")
     cls = FAMILIES[name]
+    overrides = dict(overrides)
+    reparam = overrides.pop(REPARAM_KEY, None)
     valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(
-            f"task family {name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(valid)}"
+            f"task family {name!r} has no option(s) {', '.join(unknown)}; valid: "
+            f"{', '.join([*valid, REPARAM_KEY])}"
         )
-    return cls(**overrides)
+    family = cls(**overrides)
+    return family if reparam is None else ReparamFamily(family, reparam)
 
 
 def static_from_dict(data: Mapping[str, Any]) -> StaticCfg:

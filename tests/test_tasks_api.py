@@ -20,11 +20,22 @@ CASES = [
     ("mlp_mnist", {}),
     ("mlp_fashion_mnist", {}),
     ("mlp_fashion_mnist", {"canonical": True}),
+    ("mlp_digits", {}),
+    ("mlp_mnist", {"reparam_scale": [1e-3, 1e3]}),
     ("conv_mnist", {}),
     ("quadratic", {}),
     ("quadratic", {"shapes": {"w": (4, 5), "b": (5,)}}),
 ]
-IDS = ["mlp_mnist", "mlp_fashion_mnist", "canonical", "conv_mnist", "quadratic", "quadratic_wb"]
+IDS = [
+    "mlp_mnist",
+    "mlp_fashion_mnist",
+    "canonical",
+    "mlp_digits",
+    "reparam",
+    "conv_mnist",
+    "quadratic",
+    "quadratic_wb",
+]
 N_LANES = 3
 
 
@@ -52,7 +63,13 @@ def lane(tree: dict, i: int) -> dict:
 
 
 def test_family_names_and_lookup_errors() -> None:
-    assert tasks.FAMILY_NAMES == ("mlp_mnist", "mlp_fashion_mnist", "conv_mnist", "quadratic")
+    assert tasks.FAMILY_NAMES == (
+        "mlp_mnist",
+        "mlp_fashion_mnist",
+        "mlp_digits",
+        "conv_mnist",
+        "quadratic",
+    )
     with pytest.raises(
         ValueError, match=r"unknown task family 'mlp'; valid names: mlp_mnist, mlp_"
     ):
