@@ -30,9 +30,17 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class MetaTrainConfig:
     # -- what to meta-train on ------------------------------------------------------------------
-    task_family: str = _f("mlp_mnist", "task family to meta-train on")
+    task_family: str = _f(
+        "mlp_mnist",
+        "task family to meta-train on, or a comma-separated mixture meta-trained with equal "
+        "weight (e.g. mlp_mnist,mlp_fashion_mnist,mlp_digits): each worker then holds "
+        "--num-estimators estimators per family",
+    )
     task_option: dict[str, Any] = _f(
-        {}, "family option KEY=VALUE (repeatable), e.g. --task-option image_sizes=[8]"
+        {},
+        "family option KEY=VALUE (repeatable), e.g. --task-option image_sizes=[8]; in a mixture "
+        "KEY applies to every family and FAMILY.KEY to one; reparam_scale=[LO,HI] adds the "
+        "weight-rescaling augmentation",
     )
     lopt: str = _f("original", "small_fc_lopt preset: original (h=4) or mulo (h=32)")
     lopt_option: dict[str, Any] = _f(
@@ -107,11 +115,8 @@ class MetaTrainConfig:
     def validate(self) -> MetaTrainConfig:
         import tasks
 
-        if self.task_family not in tasks.FAMILY_NAMES:
-            raise ValueError(
-                f"unknown task family {self.task_family!r}; valid names: "
-                f"{', '.join(tasks.FAMILY_NAMES)}"
-            )
+        for name in self.families:
+            tasks.get_family(name, **self.family_options(name))  # bad names/options fail here
         if self.estimator not in ESTIMATOR_NAMES:
             raise ValueError(
                 f"unknown estimator {self.estimator!r}; valid: {', '.join(ESTIMATOR_NAMES)}"
@@ -137,6 +142,44 @@ class MetaTrainConfig:
             )
         self._validate_execution()
         return self
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The task families of this run, in the order given (one unless a mixture)."""
+        import tasks
+
+        names = tuple(part.strip() for part in self.task_family.split(","))
+        unknown = [n for n in names if n not in tasks.FAMILY_NAMES]
+        if unknown or not all(names):
+            raise ValueError(
+                f"unknown task family {(unknown or [''])[0]!r}; valid names: "
+                f"{', '.join(tasks.FAMILY_NAMES)} (a mixture is a comma-separated list of them, "
+                f"got --task-family {self.task_family!r})"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"--task-family {self.task_family!r} names a family twice; a mixture weights "
+                "its families equally, so list each once"
+            )
+        return names
+
+    def family_options(self, name: str) -> dict[str, Any]:
+        """The options of family ``name``: every plain KEY, then its own ``name.KEY`` entries."""
+        families = self.families
+        plain = {k: v for k, v in self.task_option.items() if "." not in k}
+        own = {}
+        for key, value in self.task_option.items():
+            if "." not in key:
+                continue
+            prefix, option = key.split(".", 1)
+            if prefix not in families:
+                raise ValueError(
+                    f"--task-option {key}: {prefix!r} is not a family of this run "
+                    f"({', '.join(families)}); use FAMILY.KEY with one of them, or plain KEY"
+                )
+            if prefix == name:
+                own[option] = value
+        return {**plain, **own}
 
     def lopt_config(self):
         """The learned optimizer's architecture: the preset with ``lopt_option`` applied."""

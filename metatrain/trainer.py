@@ -61,7 +61,7 @@ class RunResult:
 
 def default_run_dir(cfg: MetaTrainConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.task_family}-{cfg.estimator}-{stamp}"
+    return Path("runs") / f"{'+'.join(cfg.families)}-{cfg.estimator}-{stamp}"
 
 
 def load_run_config(run_dir: Path) -> MetaTrainConfig:

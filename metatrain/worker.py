@@ -41,9 +41,18 @@ class WorkerResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def build_estimator(cfg: MetaTrainConfig, static_dict: dict[str, Any] | None, seed: int):
-    """One estimator with its own task (static config sampled from ``seed`` unless given)."""
-    family = tasks.get_family(cfg.task_family, **cfg.task_option)
+def build_estimator(
+    cfg: MetaTrainConfig,
+    static_dict: dict[str, Any] | None,
+    seed: int,
+    family_name: str | None = None,
+):
+    """One estimator with its own task (static config sampled from ``seed`` unless given).
+
+    ``family_name`` picks one family of a mixture (default: the run's only family).
+    """
+    family_name = family_name or cfg.families[0]
+    family = tasks.get_family(family_name, **cfg.family_options(family_name))
     gen = torch.Generator().manual_seed(seed)
     static = tasks.static_from_dict(static_dict) if static_dict else family.sample_static(gen)
     task = family.make_task(static)
@@ -70,25 +79,37 @@ def build_estimator(cfg: MetaTrainConfig, static_dict: dict[str, Any] | None, se
     return est, static
 
 
+def estimator_families(cfg: MetaTrainConfig) -> list[str]:
+    """The family of each estimator slot of a worker: ``num_estimators`` per family.
+
+    Slot ``j`` belongs to family ``j mod F`` (in ``--task-family`` order) for the whole run,
+    resamples included, so a mixture's families are weighted equally and deterministically.
+    """
+    families = cfg.families
+    return [families[j % len(families)] for j in range(cfg.num_estimators * len(families))]
+
+
 class Worker:
-    """Holds ``cfg.num_estimators`` estimators and averages their estimates."""
+    """Holds ``cfg.num_estimators`` estimators per task family and averages their estimates."""
 
     def __init__(self, cfg: MetaTrainConfig, worker_id: int = 0) -> None:
         self.cfg = cfg
         self.worker_id = worker_id
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, 7, worker_id))
         self.created = 0  # estimators built so far: seeds every new one uniquely
+        self.slot_families = estimator_families(cfg)
         self.estimators: list[Estimator] = []
         self.statics: list[Any] = []
         self.seeds: list[int] = []
-        for _ in range(cfg.num_estimators):
+        for _ in self.slot_families:
             self._add_estimator()
 
     def _add_estimator(self, slot: int | None = None, static_dict=None, seed=None) -> None:
         if seed is None:
             seed = derive_seed(self.cfg.seed, 11, self.worker_id, self.created)
             self.created += 1
-        est, static = build_estimator(self.cfg, static_dict, seed)
+        index = len(self.estimators) if slot is None else slot
+        est, static = build_estimator(self.cfg, static_dict, seed, self.slot_families[index])
         if slot is None:
             self.estimators.append(est)
             self.statics.append(static)
@@ -114,7 +135,9 @@ class Worker:
         return WorkerResult(grad, step, self.worker_id, metrics)
 
     def task_configs(self) -> list[dict[str, Any]]:
-        return [s.to_dict() for s in self.statics]
+        return [
+            {"family": family, **s.to_dict()} for family, s in zip(self.slot_families, self.statics)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -122,14 +145,22 @@ class Worker:
             "generator": self.generator.get_state(),
             "created": self.created,
             "estimators": [
-                {"static": s.to_dict(), "seed": seed, "state": est.state_dict()}
-                for s, seed, est in zip(self.statics, self.seeds, self.estimators)
+                {"family": family, "static": s.to_dict(), "seed": seed, "state": est.state_dict()}
+                for family, s, seed, est in zip(
+                    self.slot_families, self.statics, self.seeds, self.estimators
+                )
             ],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.created = state["created"]
+        saved = [entry.get("family", self.slot_families[0]) for entry in state["estimators"]]
+        if saved != self.slot_families:
+            raise ValueError(
+                f"checkpoint estimators belong to families {saved}, but this run's slots are "
+                f"{self.slot_families}; resume with the same --task-family and --num-estimators"
+            )
         self.estimators, self.statics, self.seeds = [], [], []
         for entry in state["estimators"]:
             self._add_estimator(static_dict=entry["static"], seed=entry["seed"])

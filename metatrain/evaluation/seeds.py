@@ -162,7 +162,9 @@ def _run_seed(cfg: Mapping[str, Any]) -> int:
 
 def _estimators_per_worker(cfg: Mapping[str, Any]) -> tuple[int, int]:
     workers = max(1, int(cfg.get("workers", 0)))
-    per_worker = int(cfg.get("num_estimators", 1))
+    # a mixture holds --num-estimators estimators per family (metatrain.worker.estimator_families)
+    num_families = len(str(cfg.get("task_family", "")).split(","))
+    per_worker = int(cfg.get("num_estimators", 1)) * num_families
     if int(cfg.get("resample_every", 0)) > 0:
         per_worker *= 1 + int(cfg.get("outer_steps", 0))
     return workers, per_worker
