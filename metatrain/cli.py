@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import MetaTrainConfig, build_parser, config_from_args
-from .trainer import load_run_config, merge_resume_config, train
+from .trainer import RunInterrupted, load_run_config, merge_resume_config, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        print(f"interrupted by {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted; resume with --resume RUN_DIR from the last checkpoint", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,12 +122,35 @@ class MetaTrainConfig:
             raise ValueError(
                 f"unknown estimator {self.estimator!r}; valid: {', '.join(ESTIMATOR_NAMES)}"
             )
-        positive = ("num_tasks", "num_estimators", "truncation_length", "trajectory_length")
-        for name in positive + ("outer_steps",):
-            if getattr(self, name) < (0 if name == "outer_steps" else 1):
+        positive = (
+            "num_tasks",
+            "num_estimators",
+            "truncation_length",
+            "trajectory_length",
+            "min_trajectory_length",
+            "outer_steps",
+            "log_every",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}"
                 )
+        at_least = {
+            "checkpoint_every": 0,
+            "keep_checkpoints": 1,
+            "resample_every": 0,
+            "threads": 0,
+            "random_offset": -1,
+            "worker_restarts": -1,
+        }
+        for name, low in at_least.items():
+            if getattr(self, name) < low:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}"
+                )
+        if not (math.isfinite(self.max_time) and self.max_time >= 0):
+            raise ValueError(f"--max-time must be >= 0 seconds (0: no limit), got {self.max_time}")
         if self.schedule == "loguniform" and self.min_trajectory_length >= self.trajectory_length:
             raise ValueError(
                 "--min-trajectory-length must be below --trajectory-length for the loguniform "
@@ -134,6 +158,14 @@ class MetaTrainConfig:
             )
         if not (self.sigma > 0 and self.outer_lr > 0 and self.grad_clip > 0):
             raise ValueError("--sigma, --outer-lr and --grad-clip must be > 0")
+        self._validate_truncation()
+        if self.publish is not None:
+            from zoo.refs import validate_name
+
+            try:
+                validate_name(self.publish)  # before training, not after it
+            except ValueError as err:
+                raise ValueError(f"--publish: {err}") from None
         self.lopt_config()
         if self.lopt_backend not in LOPT_BACKENDS:
             raise ValueError(
@@ -180,6 +212,22 @@ class MetaTrainConfig:
             if prefix == name:
                 own[option] = value
         return {**plain, **own}
+
+    def longest_trajectory(self) -> int:
+        """The most inner steps any trajectory of this run's schedule can last."""
+        if self.schedule == "loguniform":
+            return self.trajectory_length - 1  # lengths are drawn in [min, max)
+        return self.trajectory_length
+
+    def _validate_truncation(self) -> None:
+        # A truncation window longer than every trajectory would cross a reset in each unroll:
+        # the run would not do what --truncation-length says. Full ES unrolls whole trajectories.
+        if self.estimator != "full_es" and self.truncation_length > self.longest_trajectory():
+            raise ValueError(
+                f"--truncation-length {self.truncation_length} is longer than every trajectory "
+                f"(the {self.schedule} schedule's longest is {self.longest_trajectory()} steps); "
+                "lower --truncation-length or raise --trajectory-length"
+            )
 
     def lopt_config(self):
         """The learned optimizer's architecture: the preset with ``lopt_option`` applied."""

@@ -16,6 +16,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -93,10 +95,12 @@ def _average(results) -> dict[str, float]:
     return out
 
 
-def _restore(run_dir: Path, learner: OuterLearner, executor: Executor) -> dict[str, Any]:
+def _read_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint of ``run_dir`` (older ones if the newest is torn), or
+    ``None`` when the run died before its first checkpoint."""
     path = latest_checkpoint(run_dir)
     if path is None:
-        raise ValueError(f"--resume {run_dir}: no checkpoint found in {run_dir / 'checkpoints'}")
+        return None
     candidates = sorted((run_dir / "checkpoints").glob("ckpt-*.pt"), reverse=True)
     for candidate in [path] + [c for c in candidates if c != path]:
         try:
@@ -104,11 +108,41 @@ def _restore(run_dir: Path, learner: OuterLearner, executor: Executor) -> dict[s
         except ValueError as err:
             warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
             continue
-        learner.load_state_dict(ckpt["learner"])
-        executor.load_state_dict(ckpt["executor"])
-        log.info("resumed %s at outer step %d", candidate, ckpt["step"])
+        ckpt["path"] = str(candidate)
         return ckpt
     raise ValueError(f"--resume {run_dir}: every checkpoint is unreadable")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse to reuse a directory that is not this run's own (a run dir is never overwritten),
+    and check it can be created and written before any work starts."""
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise ValueError(
+                f"--resume {run_dir}: no config.json there; is it a metatrain run dir?"
+            )
+    elif run_dir.is_dir() and any(run_dir.iterdir()):
+        if (run_dir / "config.json").is_file():
+            raise ValueError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                "or choose another --out-dir"
+            )
+        held = ", ".join(sorted(p.name for p in run_dir.iterdir())[:5])
+        raise ValueError(
+            f"--out-dir {run_dir} is not empty (it holds {held}); a new run needs a new or "
+            "empty directory: choose another --out-dir"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        why = err.strerror or type(err).__name__
+        raise ValueError(
+            f"--out-dir {run_dir}: cannot create or write the run directory ({why}: "
+            f"{err.filename or run_dir}); choose a writable --out-dir"
+        ) from None
 
 
 def _trim_metrics(path: Path, start: int) -> None:
@@ -137,15 +171,16 @@ def train(
 ) -> RunResult:
     """Meta-train small_fc_lopt per ``cfg``; returns the final θ and the meta-loss history."""
     cfg.validate()
+    run_dir = Path(run_dir or cfg.out_dir or default_run_dir(cfg))
+    prepare_run_dir(run_dir, resume)
+    ckpt = _read_checkpoint(run_dir) if resume else None
+    if ckpt is not None and ckpt["step"] >= cfg.outer_steps:
+        raise ValueError(
+            f"--resume {run_dir}: the run already did {ckpt['step']} outer steps; pass "
+            f"--outer-steps N with N > {ckpt['step']} to continue it"
+        )
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(run_dir or cfg.out_dir or default_run_dir(cfg))
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ValueError(
-            f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-            "or choose another --out-dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
     lopt_cfg = cfg.lopt_config()
     theta0 = lopt.init_theta(lopt_cfg, torch.Generator().manual_seed(derive_seed(cfg.seed, 3)))
     learner = OuterLearner(lopt.flatten_theta(theta0, lopt_cfg), cfg.outer_lr, cfg.grad_clip)
@@ -153,11 +188,15 @@ def train(
     start, elapsed, total_inner = 0, 0.0, 0
     metrics_path = run_dir / "metrics.jsonl"
     try:
-        if resume:
-            ckpt = _restore(run_dir, learner, executor)
+        if ckpt is not None:
+            learner.load_state_dict(ckpt["learner"])
+            executor.load_state_dict(ckpt["executor"])
+            log.info("resumed %s at outer step %d", ckpt["path"], ckpt["step"])
             start, elapsed, total_inner = ckpt["step"], ckpt["elapsed"], ckpt["total_inner_steps"]
             _trim_metrics(metrics_path, start)
         else:
+            if resume:  # killed before its first checkpoint: its own resume starts it over
+                log.info("resuming %s: no checkpoint yet, starting at outer step 0", run_dir)
             metrics_path.write_text("")
         record = {
             "metatrain": cfg.to_dict(),
@@ -180,6 +219,52 @@ def train(
     return RunResult(run_dir, theta, lopt_cfg, history, summary["wall_time_s"])
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped the run after ``step`` outer steps, with a checkpoint there."""
+
+    def __init__(self, run_dir: Path, step: int, signum: int) -> None:
+        self.run_dir, self.step, self.signum = run_dir, step, signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name}: stopped after outer step {step} with a checkpoint; continue with "
+            f"--resume {run_dir}"
+        )
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish the current outer step, checkpoint and stop; a
+    second signal interrupts at once (the previous checkpoint stays valid). Signal handlers can
+    only be set from the main thread; elsewhere (a notebook's worker thread) nothing changes."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # asked twice: stop now
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning(
+            "%s received: checkpointing after this outer step, then stopping "
+            "(send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+
 def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[float]:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
@@ -196,7 +281,9 @@ def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[
         dynamic_ncols=True,
     )
     t_last = time.perf_counter()
+    stop = StopRequest()
     try:
+        stop.install()
         for step in range(start, cfg.outer_steps):
             t0 = time.perf_counter()
             results = executor.gradients(learner.theta, step)
@@ -221,10 +308,9 @@ def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[
             elapsed, t_last = elapsed + (now - t_last), now
             done = step + 1
             out_of_time = cfg.max_time > 0 and elapsed >= cfg.max_time
-            if out_of_time or (
-                cfg.checkpoint_every
-                and (done % cfg.checkpoint_every == 0 or done == cfg.outer_steps)
-            ):
+            # --checkpoint-every 0 still checkpoints at the end, so such a run is resumable
+            periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+            if stop.signum is not None or out_of_time or periodic or done == cfg.outer_steps:
                 save_checkpoint(
                     run_dir,
                     done,
@@ -237,10 +323,13 @@ def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[
                     },
                     keep=cfg.keep_checkpoints,
                 )
+            if stop.signum is not None:
+                raise RunInterrupted(run_dir, done, stop.signum)
             if out_of_time:
                 log.info("--max-time %.0f s reached after %d outer steps", cfg.max_time, done)
                 break
     finally:
+        stop.uninstall()
         bar.close()
         metrics_file.close()
         writer.close()
