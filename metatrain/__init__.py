@@ -1,6 +1,6 @@
 """Meta-training of small_fc_lopt with ES, truncated ES and PES over vectorised unrolls."""
 
-from .config import QUICK, MetaTrainConfig
+from .config import PRESETS, QUICK, MetaTrainConfig
 from .estimators import PES, FullES, TruncatedES
 from .trainer import RunResult, train
 from .unroll import TaskLanes, VectorizedUnroll
@@ -8,6 +8,7 @@ from .worker import Worker, WorkerResult
 
 __all__ = [
     "PES",
+    "PRESETS",
     "QUICK",
     "FullES",
     "MetaTrainConfig",

@@ -12,10 +12,19 @@ import torch
 
 
 class OuterLearner:
-    def __init__(self, theta: torch.Tensor, lr: float, grad_clip: float = 3.0) -> None:
+    """Adam on θ (AdamW when ``weight_decay > 0``) after an elementwise clip (``grad_clip > 0``)."""
+
+    def __init__(
+        self, theta: torch.Tensor, lr: float, grad_clip: float = 3.0, weight_decay: float = 0.0
+    ) -> None:
         self.theta = theta.detach().clone().float()
         self.grad_clip = float(grad_clip)
-        self.optimizer = torch.optim.Adam([self.theta], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        if weight_decay > 0:  # the Celo2 recipe: optax AdamW, decay multiplied by the lr
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+                [self.theta], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.Adam([self.theta], lr=lr, betas=(0.9, 0.999), eps=1e-8)
         self.best_loss = float("inf")
 
     def apply(self, grads: list[torch.Tensor], meta_loss: float | None = None) -> dict[str, float]:
@@ -23,8 +32,11 @@ class OuterLearner:
         grad = torch.stack(grads).mean(0)
         nonfinite = int((~torch.isfinite(grad)).sum())
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        clipped = int((grad.abs() > self.grad_clip).sum())
-        grad = grad.clamp(-self.grad_clip, self.grad_clip)
+        if self.grad_clip > 0:
+            clipped = int((grad.abs() > self.grad_clip).sum())
+            grad = grad.clamp(-self.grad_clip, self.grad_clip)
+        else:
+            clipped = 0
         self.theta.grad = grad
         self.optimizer.step()
         self.theta.grad = None

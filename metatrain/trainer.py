@@ -12,6 +12,7 @@ Run directory layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -86,6 +87,19 @@ def merge_resume_config(saved: MetaTrainConfig, requested: MetaTrainConfig, give
     values = saved.to_dict()
     values.update({k: getattr(requested, k) for k in given if k in RESUMABLE_CHANGES})
     return MetaTrainConfig.from_dict(values)
+
+
+def _resolve_init(cfg: MetaTrainConfig):
+    from .init_from import resolve_init
+
+    return resolve_init(cfg.init_from, cfg.lopt_config(), cfg.lopt_option)
+
+
+def _read_config_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _average(results) -> dict[str, float]:
@@ -171,6 +185,10 @@ def train(
 ) -> RunResult:
     """Meta-train small_fc_lopt per ``cfg``; returns the final θ and the meta-loss history."""
     cfg.validate()
+    init = None
+    if cfg.init_from and not resume:  # a bad reference fails before the run dir is made
+        init = _resolve_init(cfg)
+        cfg = dataclasses.replace(cfg, lopt_option=init.config.to_dict())
     run_dir = Path(run_dir or cfg.out_dir or default_run_dir(cfg))
     prepare_run_dir(run_dir, resume)
     ckpt = _read_checkpoint(run_dir) if resume else None
@@ -179,11 +197,18 @@ def train(
             f"--resume {run_dir}: the run already did {ckpt['step']} outer steps; pass "
             f"--outer-steps N with N > {ckpt['step']} to continue it"
         )
+    if cfg.init_from and resume and ckpt is None:  # killed before its first checkpoint
+        init = _resolve_init(cfg)  # the saved lopt_option already holds the source's config
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     lopt_cfg = cfg.lopt_config()
-    theta0 = lopt.init_theta(lopt_cfg, torch.Generator().manual_seed(derive_seed(cfg.seed, 3)))
-    learner = OuterLearner(lopt.flatten_theta(theta0, lopt_cfg), cfg.outer_lr, cfg.grad_clip)
+    if init is not None:
+        theta0 = init.theta
+    else:
+        theta0 = lopt.init_theta(lopt_cfg, torch.Generator().manual_seed(derive_seed(cfg.seed, 3)))
+    learner = OuterLearner(
+        lopt.flatten_theta(theta0, lopt_cfg), cfg.outer_lr, cfg.grad_clip, cfg.outer_weight_decay
+    )
     executor = executor or make_executor(cfg)
     start, elapsed, total_inner = 0, 0.0, 0
     metrics_path = run_dir / "metrics.jsonl"
@@ -204,6 +229,11 @@ def train(
             "command": command,
             "task_configs": getattr(executor, "task_configs", lambda: [])(),
         }
+        init_record = (
+            init.record if init is not None else _read_config_record(run_dir).get("init_from")
+        )
+        if init_record is not None:
+            record["init_from"] = init_record
         (run_dir / "config.json").write_text(json.dumps(record, indent=2))
         history = _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner)
     finally:

@@ -120,3 +120,42 @@ def test_unroll_pairs_share_the_reparam_scale_and_redraw_it_at_resets(tmp_path):
         losses = out.losses
         assert ((losses >= 0) & (losses <= 3.4540)).all()
     assert not torch.equal(seen[0], seen[-1])  # redrawn at resets
+
+
+def test_celo2_preset_is_the_recipe_and_explicit_flags_win(capsys):
+    from metatrain.config import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["--preset", "celo2", "--outer-lr", "3e-4"]))
+    assert cfg.families == ("mlp_mnist", "mlp_fashion_mnist", "mlp_digits")
+    assert (cfg.estimator, cfg.num_tasks, cfg.truncation_length, cfg.sigma) == ("pes", 8, 50, 0.01)
+    assert (cfg.schedule, cfg.min_trajectory_length, cfg.trajectory_length) == (
+        "loguniform",
+        100,
+        2000,
+    )
+    assert cfg.task_option["reparam_scale"] == [1e-3, 1e3] and cfg.task_option["width"] == 32
+    assert (cfg.outer_lr, cfg.outer_weight_decay, cfg.grad_clip) == (3e-4, 1e-4, 0.0)
+    assert cfg.offset == 2000
+    quick = config_from_args(build_parser().parse_args(["--quick"]))
+    assert quick.outer_steps == 800
+    with pytest.raises(ValueError, match=r"--quick is --preset quick"):
+        config_from_args(build_parser().parse_args(["--quick", "--preset", "celo2"]))
+
+
+def test_outer_adamw_decays_theta_and_zero_clip_keeps_large_gradients():
+    from metatrain.learner import OuterLearner
+
+    theta = torch.ones(3)
+    adamw = OuterLearner(theta, lr=0.1, grad_clip=0.0, weight_decay=0.5)
+    adam = OuterLearner(theta, lr=0.1, grad_clip=0.0)
+    assert isinstance(adamw.optimizer, torch.optim.AdamW)
+    zero = [torch.zeros(3)]
+    adamw.apply(zero)
+    adam.apply(zero)
+    torch.testing.assert_close(adamw.theta, torch.full((3,), 1 - 0.1 * 0.5))  # decoupled decay
+    torch.testing.assert_close(adam.theta, torch.ones(3))
+    clipped = OuterLearner(theta, lr=0.1, grad_clip=3.0)
+    free = OuterLearner(theta, lr=0.1, grad_clip=0.0)
+    big = [torch.tensor([100.0, 0.0, 0.0])]
+    assert clipped.apply(big)["grad_norm"] == pytest.approx(3.0)
+    assert free.apply(big)["grad_norm"] == pytest.approx(100.0)

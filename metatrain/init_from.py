@@ -1,0 +1,97 @@
+"""``--init-from REF``: start meta-training from existing meta-weights instead of a fresh θ.
+
+REF is anything ``python -m metatrain.eval --optimizer`` accepts — a zoo reference
+(``small_fc_lopt/mlp_mnist``), a meta-training run directory or a ``.safetensors`` file — and
+also a run directory that is still running or was stopped before writing its final weights (its
+latest checkpoint's θ is used). Typical use: specialise a published optimizer to a family, or
+continue from a finished run with different settings.
+
+The weights define the architecture. It must be the one this run meta-trains (same kind and
+same θ shapes), otherwise the run stops with an error naming both. The source's non-shape
+settings (e.g. small_fc_lopt's ``step_mult``) are adopted, because θ was trained for them;
+``--lopt-option`` entries given explicitly still win.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lopt
+
+__all__ = ["InitFrom", "resolve_init"]
+
+
+@dataclass(frozen=True)
+class InitFrom:
+    """Initial θ for a run, the optimizer config to run it with, and a record for config.json."""
+
+    theta: dict[str, torch.Tensor]
+    config: Any
+    record: dict[str, Any]
+
+
+def _describe(config: Any) -> str:
+    shapes = config.theta_shapes()
+    count = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    return f"{type(config).__name__} with {count} meta-parameters"
+
+
+def _from_checkpoint(ref: str, path: Path) -> tuple[dict[str, torch.Tensor], Any, str]:
+    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .config import MetaTrainConfig
+
+    ckpt_path = latest_checkpoint(path)
+    config_path = path / "config.json"
+    if ckpt_path is None or not config_path.is_file():
+        raise ValueError(
+            f"--init-from {ref!r}: the directory holds neither final weights (theta.safetensors) "
+            "nor a checkpoint with its config.json; give a zoo reference, a run directory or a "
+            ".safetensors file"
+        )
+    saved = MetaTrainConfig.from_dict(json.loads(config_path.read_text())["metatrain"])
+    config = saved.lopt_config()
+    flat = load_checkpoint(ckpt_path)["learner"]["theta"]
+    theta = {k: v.clone() for k, v in lopt.unflatten_theta(flat, config).items()}
+    return theta, config, str(ckpt_path.resolve())
+
+
+def resolve_init(ref: str, run_config: Any, lopt_option: dict[str, Any]) -> InitFrom:
+    """Load REF and check it against ``run_config`` (the run's optimizer config).
+
+    ``lopt_option`` are the run's explicit ``--lopt-option`` overrides; they are applied on top
+    of the source's config. Raises ``ValueError`` with one clear line on any mismatch.
+    """
+    from .evaluation.source import resolve_optimizer
+
+    path = Path(ref).expanduser()
+    has_weights = path.is_dir() and any(
+        (path / name).is_file() for name in ("theta.safetensors", "model.safetensors")
+    )
+    if path.is_dir() and not has_weights:
+        theta, source_config, resolved = _from_checkpoint(ref, path)
+        sha = lopt.theta_sha256(theta)
+        kind = "checkpoint"
+    else:
+        try:
+            source = resolve_optimizer(ref)
+        except ValueError as err:
+            raise ValueError(str(err).replace("--optimizer", "--init-from", 1)) from None
+        theta, source_config = dict(source.theta), source.config
+        resolved, sha, kind = source.resolved, source.sha256, source.kind
+    if type(source_config) is not type(run_config) or (
+        source_config.theta_shapes() != run_config.theta_shapes()
+    ):
+        raise ValueError(
+            f"--init-from {ref!r} holds a {_describe(source_config)}, but this run meta-trains a "
+            f"{_describe(run_config)}; choose weights of that architecture or change --lopt / "
+            "--lopt-option to match them"
+        )
+    # run_config already carries lopt_option, so equal shapes above mean equal shapes here
+    config = type(source_config).from_dict({**source_config.to_dict(), **lopt_option})
+    record = {"ref": ref, "kind": kind, "resolved": resolved, "theta_sha256": sha}
+    return InitFrom(theta=theta, config=config, record=record)
