@@ -1,0 +1,178 @@
+"""Typed configuration of the Celo2 family (design: docs/design/celo2.md).
+
+One :class:`Celo2Config` describes every member of the family: lozoo's ``celo2`` and
+``celo2_base`` (the JAX meta-training forms) and the PyLO inference variants ``pylo_celo2`` and
+``elo_celo2``. They share the learned rule (features, the 347-parameter MLP, Newton–Schulz,
+output normalisation) and differ only in routing, in the Adam branch and in gradient clipping,
+which are the fields below. θ is a plain ``dict[str, Tensor]`` with the keys and shapes of
+:meth:`Celo2Config.theta_shapes`; the same θ layout serves every variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Layout = Literal["torch", "as_stored"]
+AdamForm = Literal["meta", "adamw"]
+
+# Feature groups in channel order: the row blocks of θ["w0"] (the reference's w0__0 … w0__13).
+GROUP_WIDTHS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
+NUM_CHANNELS = sum(GROUP_WIDTHS)  # 30
+NUM_CHANNELS_1D = sum(GROUP_WIDTHS[:9])  # 15: tensors of rank <= 1 have no row/col groups
+HIDDEN_SIZE = 8
+NUM_OUTPUTS = 3  # direction, magnitude (dead: exp_mult = 0), unused
+
+
+@dataclass(frozen=True)
+class Celo2Config:
+    """Everything about a Celo2-family optimizer that is not meta-learned.
+
+    Fields:
+        orthogonalize: Newton–Schulz-orthogonalise the direction of every learned tensor of
+            rank >= 2 (``celo2``); off for ``celo2_base``.
+        adam_for_1d: send tensors of rank <= 1 (biases, norm scales, scalars) to the Adam branch.
+            Off means the learned rule runs on every tensor (``celo2_base``).
+        adam_name_pattern: a regex; parameters whose name matches it (``re.search``) also go to
+            the Adam branch, e.g. embeddings (``"embed"``). ``None``: no name routing.
+        adam_form: ``"meta"``: the meta-training Adam of the reference (no bias correction, eps
+            inside the square root); ``"adamw"``: bias-corrected AdamW with eps outside the root
+            (the deployment harness and PyLO).
+        adam_betas, adam_eps: the Adam branch's decays and epsilon.
+        adam_lr_mult: the Adam branch steps with ``adam_lr_mult × lr`` (20 in meta-training).
+        clip_adam_grads: also clip the Adam branch's gradients to ±1000 (PyLO clips every
+            parameter; the reference only the learned branch).
+        global_clip_norm: clip all gradients together to this global L2 norm before anything
+            else (``elo_celo2``); ``None``: off.
+        layout: ``"torch"`` reads every tensor of rank >= 2 as PyTorch's ``(out, in, *spatial)``
+            and applies the rule to it permuted to the reference's ``(*spatial, in, out)``;
+            ``"as_stored"`` applies the rule to the tensor as stored (PyLO's behaviour).
+        step_mult: the learned direction has unit RMS per matrix; the step is
+            ``lr · step_mult · u`` so that ``lr = 1`` is the meta-training step size (1e-3).
+    """
+
+    orthogonalize: bool = True
+    adam_for_1d: bool = True
+    adam_name_pattern: str | None = "embed"
+    adam_form: AdamForm = "meta"
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    adam_lr_mult: float = 20.0
+    clip_adam_grads: bool = False
+    global_clip_norm: float | None = None
+    layout: Layout = "torch"
+    step_mult: float = 1e-3
+
+    def __post_init__(self) -> None:
+        for name in ("orthogonalize", "adam_for_1d", "clip_adam_grads"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.adam_name_pattern is not None:
+            if not isinstance(self.adam_name_pattern, str):
+                raise ValueError(
+                    f"adam_name_pattern must be a regex string or None, "
+                    f"got {self.adam_name_pattern!r}"
+                )
+            try:
+                re.compile(self.adam_name_pattern)
+            except re.error as err:
+                raise ValueError(
+                    f"adam_name_pattern {self.adam_name_pattern!r} is not a valid regex: {err}"
+                ) from None
+        if self.adam_form not in ("meta", "adamw"):
+            raise ValueError(f"adam_form must be 'meta' or 'adamw', got {self.adam_form!r}")
+        if self.layout not in ("torch", "as_stored"):
+            raise ValueError(f"layout must be 'torch' or 'as_stored', got {self.layout!r}")
+        betas = tuple(float(b) for b in self.adam_betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"adam_betas must be two decays in [0, 1), got {self.adam_betas!r}")
+        object.__setattr__(self, "adam_betas", betas)
+        for name in ("adam_eps", "adam_lr_mult", "step_mult"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.global_clip_norm is not None:
+            value = self.global_clip_norm
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"global_clip_norm must be a float > 0 or None, got {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"global_clip_norm must be a float > 0 or None, got {value!r}")
+            object.__setattr__(self, "global_clip_norm", float(value))
+
+    # -- θ ----------------------------------------------------------------------------------
+    @staticmethod
+    def theta_shapes() -> dict[str, tuple[int, ...]]:
+        """Keys and shapes of θ in flatten order; weights are (in, out).
+
+        ``w0`` stacks the reference's 14 first-layer groups ``w0__0 … w0__13`` row-wise (30
+        rows in channel order), so the flat θ equals the reference's concatenation order.
+        """
+        return {
+            "w0": (NUM_CHANNELS, HIDDEN_SIZE),
+            "b0": (HIDDEN_SIZE,),
+            "w1": (HIDDEN_SIZE, HIDDEN_SIZE),
+            "b1": (HIDDEN_SIZE,),
+            "w2": (HIDDEN_SIZE, NUM_OUTPUTS),
+            "b2": (NUM_OUTPUTS,),
+        }
+
+    @property
+    def num_params(self) -> int:
+        """Size of θ: 347."""
+        return sum(math.prod(s) for s in self.theta_shapes().values())
+
+    # -- serialisation ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Celo2Config:
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown Celo2 config keys {unknown}; valid keys: {sorted(known)}")
+        kwargs = dict(data)
+        if "adam_betas" in kwargs:
+            kwargs["adam_betas"] = tuple(kwargs["adam_betas"])
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Celo2Config:
+        return cls.from_dict(json.loads(text))
+
+
+CELO2 = Celo2Config()
+"""lozoo's Celo2: NS on, rank <= 1 and embeddings to the reference's meta-training Adam (×20)."""
+
+CELO2_BASE = Celo2Config(
+    orthogonalize=False, adam_for_1d=False, adam_name_pattern=None, adam_lr_mult=1.0
+)
+"""Celo2-base: the learned rule on every tensor, no orthogonalisation, no Adam branch."""
+
+PYLO_CELO2 = Celo2Config(adam_form="adamw", adam_lr_mult=1.0, clip_adam_grads=True)
+"""PyLO's CELO2: bias-corrected AdamW (β 0.9/0.95, lr×1) for rank <= 1 and embeddings, ±1000 clip
+on every gradient."""
+
+ELO_CELO2 = Celo2Config(
+    adam_form="adamw", adam_lr_mult=1.0, clip_adam_grads=True, global_clip_norm=1.0
+)
+"""PyLO's ELO_CELO2: PyLO's CELO2 with global-norm clipping at 1.0 (its weights differ)."""
+
+VARIANTS: dict[str, Celo2Config] = {
+    "celo2": CELO2,
+    "celo2_base": CELO2_BASE,
+    "pylo_celo2": PYLO_CELO2,
+    "elo_celo2": ELO_CELO2,
+}
