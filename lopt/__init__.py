@@ -1,5 +1,6 @@
 """lozoo learned optimizers: the small_fc_lopt functional core and its torch.optim shell."""
 
+from . import shadowing  # noqa: F401  (first: a `zoo/` folder in the cwd must not hide our zoo)
 from .config import MULO, ORIGINAL, PRESETS, SmallFCConfig, preset
 from .core import (
     effective_decays,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from . import core, kernels
+from . import core, kernels, shadowing
 from .config import SmallFCConfig, preset
 from .theta import Theta, load_theta, theta_sha256, validate_theta
 
@@ -56,7 +56,7 @@ def resolve_weights(
         if os.path.isfile(path) or not _is_zoo_ref(path):
             theta, file_cfg = load_theta(path, cfg)
             return theta, file_cfg, {"source": f"file:{os.path.abspath(path)}"}
-        import zoo  # the zoo resolves names, versions and verifies hashes
+        zoo = shadowing.import_sibling("zoo")  # resolves names, versions; verifies hashes
 
         try:
             entry = zoo.load(path)

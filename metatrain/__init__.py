@@ -1,5 +1,7 @@
 """Meta-training of small_fc_lopt with ES, truncated ES and PES over vectorised unrolls."""
 
+import lopt  # noqa: F401  (first: it keeps `tasks`/`zoo` folders in the cwd from shadowing ours)
+
 from .config import PRESETS, QUICK, MetaTrainConfig
 from .estimators import PES, FullES, TruncatedES
 from .trainer import RunResult, train

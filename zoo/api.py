@@ -91,7 +91,18 @@ def list_entries(root: PathLike | None = None) -> list[ZooEntryInfo]:
     user, _ = store.scan(store.user_root(root), bundled=False)
     bundled, _ = store.scan(store.bundled_root(), bundled=True)
     locs = sorted(user + bundled, key=lambda loc: (loc.name, loc.version, loc.bundled))
-    return [info(loc) for loc in locs]
+    return _present(info, locs)
+
+
+def _present(read, locs: list[store.Location]) -> list:
+    """``read(loc)`` for each entry, skipping those removed since the directory scan."""
+    out = []
+    for loc in locs:
+        try:
+            out.append(read(loc))
+        except EntryNotFoundError:
+            continue
+    return out
 
 
 def ignored_paths(root: PathLike | None = None) -> list[str]:
@@ -108,7 +119,7 @@ def verify(ref: str | None = None, *, root: PathLike | None = None) -> list[Veri
         return [check(store.find(parse_ref(ref), store.user_root(root)))]
     user, _ = store.scan(store.user_root(root), bundled=False)
     bundled, _ = store.scan(store.bundled_root(), bundled=True)
-    return [check(loc) for loc in user + bundled]
+    return _present(check, user + bundled)
 
 
 def remove(ref: str, *, root: PathLike | None = None, all_versions: bool = False) -> list[str]:

@@ -52,16 +52,26 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     entry = api.resolve(args.ref, root=args.root)
+    # show verifies the entry: a failing one is shown with its problem and exits 1
+    problem = api.verify(entry.ref, root=args.root)[0].problem
     if args.card:
         print((entry.path / CARD).read_text(encoding="utf-8"), end="")
-        return 0
-    if args.json:
+    elif args.json:
         print(json.dumps(entry.meta, indent=2))
-        return 0
+    else:
+        _print_entry(entry, problem)
+    if problem:
+        message = " ".join(problem.split())
+        print(f"error: {message}; do not use this entry (python -m zoo verify)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_entry(entry, problem: str | None) -> None:
     print(f"{entry.ref}  ({'bundled' if entry.bundled else 'user'} zoo)")
     print(f"  {'path:':<13} {entry.path}")
-    if entry.problem:
-        print(f"  {'problem:':<13} {entry.problem}")
+    if problem:
+        print(f"  {'problem:':<13} {problem}")
     config_path = entry.path / CONFIG
     if config_path.is_file():
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -72,8 +82,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     for key in ("command", "metrics", "source"):
         if key in entry.meta:
             print(f"  {key + ':':<13} {json.dumps(entry.meta[key])}")
-    print(f"  {'use:':<13} lopt.SmallFCLOpt(model.parameters(), weights={entry.ref!r})")
-    return 0
+    if not problem:
+        print(f"  {'use:':<13} lopt.SmallFCLOpt(model.parameters(), weights={entry.ref!r})")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

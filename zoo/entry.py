@@ -21,7 +21,7 @@ from typing import Any
 from lopt.config import SmallFCConfig
 from lopt.theta import CONFIG_METADATA_KEY, Theta, load_theta, theta_sha256
 
-from .errors import IntegrityError
+from .errors import EntryNotFoundError, IntegrityError
 from .store import Location
 
 MODEL = "model.safetensors"
@@ -139,10 +139,15 @@ def read_meta(loc: Location) -> dict[str, Any]:
 
 
 def info(loc: Location) -> ZooEntryInfo:
-    """Lenient read for listings: an unreadable ``meta.json`` becomes ``problem``."""
+    """Lenient read for listings: an unreadable ``meta.json`` becomes ``problem``; an entry
+    removed meanwhile raises :class:`EntryNotFoundError`."""
     try:
         meta, problem = read_meta(loc), None
-    except IntegrityError as err:
+    except (IntegrityError, OSError) as err:
+        if not loc.path.is_dir():
+            raise removed_error(loc) from None
+        if isinstance(err, OSError):
+            raise
         meta, problem = {}, str(err)
     return ZooEntryInfo(loc.ref, loc.name, str(loc.version), loc.path, loc.bundled, meta, problem)
 
@@ -202,8 +207,28 @@ def _embedded_config(path: Path) -> SmallFCConfig | None:
     return SmallFCConfig.from_json(text) if text else None
 
 
+def removed_error(loc: Location) -> EntryNotFoundError:
+    return EntryNotFoundError(
+        f"zoo entry {loc.ref} not found: it was removed while being read ({loc.path})"
+    )
+
+
 def read_entry(loc: Location, verify: bool = True) -> ZooEntry:
-    """Load an entry, raising :class:`IntegrityError` (naming it) before returning anything bad."""
+    """Load an entry, raising :class:`IntegrityError` (naming it) before returning anything bad.
+
+    An entry removed while it is read (``zoo remove`` renames it away first) raises
+    :class:`EntryNotFoundError`, like one that was never there: missing files then mean
+    "gone", not corruption.
+    """
+    try:
+        return _read_entry(loc, verify)
+    except Exception:
+        if not loc.path.is_dir():
+            raise removed_error(loc) from None
+        raise
+
+
+def _read_entry(loc: Location, verify: bool) -> ZooEntry:
     where = describe(loc)
     meta = read_meta(loc)
     problems = _file_problems(loc, meta, verify)
@@ -258,6 +283,7 @@ def read_entry(loc: Location, verify: bool = True) -> ZooEntry:
 
 
 def check(loc: Location) -> VerifyResult:
+    """Verify one entry; an entry removed meanwhile raises :class:`EntryNotFoundError`."""
     try:
         read_entry(loc, verify=True)
     except IntegrityError as err:
