@@ -116,6 +116,12 @@ class MetaTrainConfig:
     worker_restarts: int = _f(10, "Ray: restarts allowed per worker actor (-1: unlimited)")
     # -- outputs ----------------------------------------------------------------------------------
     out_dir: str | None = _f(None, "run directory (default runs/<family>-<estimator>-<time>)")
+    heldout_tasks: int = _f(
+        2,
+        "held-out tasks per family trained with θ at the start and at every checkpoint, "
+        "against Adam on the same tasks (heldout.jsonl, TensorBoard heldout/*; 0: off)",
+    )
+    heldout_steps: int = _f(300, "inner steps of each held-out training run")
     checkpoint_every: int = _f(50, "checkpoint every N outer steps (0: only at the end)")
     keep_checkpoints: int = _f(3, "checkpoints to keep")
     log_every: int = _f(10, "TensorBoard/console summary every N outer steps")
@@ -169,6 +175,12 @@ class MetaTrainConfig:
             raise ValueError("--sigma and --outer-lr must be > 0")
         if not (self.grad_clip >= 0 and self.outer_weight_decay >= 0):
             raise ValueError("--grad-clip and --outer-weight-decay must be >= 0 (0: off)")
+        if self.heldout_tasks < 0 or (self.heldout_tasks > 0 and self.heldout_steps < 10):
+            raise ValueError(
+                "--heldout-tasks must be >= 0 and --heldout-steps >= 10 "
+                f"(got {self.heldout_tasks} and {self.heldout_steps}); --heldout-tasks 0 disables "
+                "the held-out evaluation"
+            )
         self._validate_truncation()
         if self.publish is not None:
             from zoo.refs import validate_name

@@ -235,7 +235,15 @@ def train(
         if init_record is not None:
             record["init_from"] = init_record
         (run_dir / "config.json").write_text(json.dumps(record, indent=2))
-        history = _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner)
+        monitor = None
+        if cfg.heldout_tasks > 0:
+            from .heldout import HeldoutMonitor
+
+            monitor = HeldoutMonitor(cfg, run_dir)
+            monitor.resume(start)
+        history = _loop(
+            cfg, run_dir, learner, executor, start, elapsed, total_inner, monitor, lopt_cfg
+        )
     finally:
         executor.close()
     theta = lopt.unflatten_theta(learner.theta.detach().clone(), lopt_cfg)
@@ -295,7 +303,9 @@ class StopRequest:
         )
 
 
-def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[float]:
+def _loop(
+    cfg, run_dir, learner, executor, start, elapsed, total_inner, monitor=None, lopt_cfg=None
+) -> list[float]:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
@@ -310,6 +320,9 @@ def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[
         unit="step",
         dynamic_ncols=True,
     )
+    heldout: dict[str, float] = {}
+    if monitor is not None and start == 0:  # quality of the initial θ: the curve's first point
+        heldout = monitor.record(0, elapsed, learner.theta, lopt_cfg, writer)
     t_last = time.perf_counter()
     stop = StopRequest()
     try:
@@ -353,6 +366,15 @@ def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[
                     },
                     keep=cfg.keep_checkpoints,
                 )
+                if monitor is not None and stop.signum is None:
+                    heldout = monitor.record(done, elapsed, learner.theta, lopt_cfg, writer)
+                    log.info(
+                        "step %d: held-out train loss %.4f (Adam %.4f, ratio %.3f)",
+                        done,
+                        heldout["heldout_train_loss"],
+                        heldout["heldout_adam_train_loss"],
+                        heldout["heldout_ratio"],
+                    )
             if stop.signum is not None:
                 raise RunInterrupted(run_dir, done, stop.signum)
             if out_of_time:
@@ -371,6 +393,12 @@ def _loop(cfg, run_dir, learner, executor, start, elapsed, total_inner) -> list[
         "final_meta_loss": history[-1] if history else None,
         "best_meta_loss": learner.best_loss if math.isfinite(learner.best_loss) else None,
     }
+    if monitor is not None:
+        summary["heldout_final"] = heldout
+        summary["heldout_best_ratio"] = (
+            monitor.best_ratio if math.isfinite(monitor.best_ratio) else None
+        )
+        summary["heldout_eval_s"] = monitor.eval_seconds
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return history
 

@@ -23,6 +23,7 @@ def tiny_config(out_dir: str | Path, **overrides) -> MetaTrainConfig:
         checkpoint_every=3,
         log_every=1,
         progress=False,
+        heldout_tasks=0,  # the held-out monitor has its own tests
         out_dir=str(out_dir),
     )
     values.update(overrides)

@@ -1,0 +1,238 @@
+"""Held-out quality during meta-training: a cheap evaluation of θ at every checkpoint.
+
+Meta-loss curves say how well θ does on the tasks it trains on, with resets and staggered
+trajectories mixed in; they do not say whether the optimizer got better on tasks it never saw.
+At the start of a run and after every checkpoint, :class:`HeldoutMonitor` trains a few held-out
+tasks per family with the current θ for ``--heldout-steps`` steps and compares the result with
+Adam on the same tasks, inits and batches (Adam's best of a 3-point learning-rate grid, computed
+once per run and cached in ``heldout_adam.json``). One line per evaluation goes to
+``RUN_DIR/heldout.jsonl`` and to TensorBoard under ``heldout/``, so "quality against
+meta-training time" is a curve of every run. The θ with the best held-out ratio so far is kept
+as ``RUN_DIR/theta_best.safetensors``.
+
+Held-out tasks are drawn from the run's families with the run's task options, except the
+weight-rescaling augmentation (``reparam_scale``): quality is measured on the tasks as a user
+meets them. Their seeds come from the evaluation namespace with their own evaluation seed
+(:data:`HELDOUT_EVAL_SEED`), checked disjoint from the run's seeds and different from those
+``python -m metatrain.eval`` uses by default.
+
+Per task the score is the final train loss smoothed over the last tenth of the steps; the
+reported ratio is the mean over tasks of learned / Adam (below 1: better than Adam). A task
+counts as diverged when its score is non-finite or more than 5 % above its first loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lopt
+import tasks
+
+from .config import MetaTrainConfig
+
+__all__ = ["HELDOUT_ADAM_LRS", "HELDOUT_EVAL_SEED", "HeldoutMonitor", "final_score"]
+
+HELDOUT_EVAL_SEED = 0x68656C64  # "held": differs from metatrain.eval's default seeds
+HELDOUT_ADAM_LRS = (1e-3, 3e-3, 1e-2)
+BASELINE_FILE = "heldout_adam.json"
+CURVE_FILE = "heldout.jsonl"
+BEST_FILE = "theta_best.safetensors"
+
+
+def final_score(train_loss: torch.Tensor) -> float:
+    """Mean train loss over the last tenth of the steps (at least one); inf if non-finite."""
+    k = train_loss.shape[-1]
+    tail = train_loss[..., k - max(1, k // 10) :]
+    value = float(tail.mean())
+    return value if math.isfinite(value) else math.inf
+
+
+@dataclass
+class _HeldoutTask:
+    family: str
+    label: str
+    task: Any
+    lane: dict[str, torch.Tensor]
+    inits: dict[str, torch.Tensor]
+    data_seed: int
+    val_batch: dict[str, torch.Tensor]
+
+
+class HeldoutMonitor:
+    """Evaluates θ on ``cfg.heldout_tasks`` held-out tasks per family; see the module doc."""
+
+    def __init__(self, cfg: MetaTrainConfig, run_dir: Path) -> None:
+        from .evaluation.runner import validation_batch
+        from .evaluation.seeds import make_eval_seeds
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.steps = cfg.heldout_steps
+        families = cfg.families
+        seeds = make_eval_seeds(
+            HELDOUT_EVAL_SEED, cfg.heldout_tasks * len(families), 1, cfg.to_dict()
+        )
+        self.tasks: list[_HeldoutTask] = []
+        for i, task_seeds in enumerate(seeds.tasks):
+            name = families[i % len(families)]
+            options = dict(cfg.family_options(name))
+            options.pop(tasks.REPARAM_KEY, None)  # measure the tasks as a user meets them
+            family = tasks.get_family(name, **options)
+            gen = torch.Generator().manual_seed(task_seeds.task)
+            static = family.sample_static(gen)
+            lane = family.sample_lane(gen, static)
+            task = family.make_task(static)
+            init = task.init(torch.Generator().manual_seed(task_seeds.inits[0]), lane)
+            self.tasks.append(
+                _HeldoutTask(
+                    family=name,
+                    label=f"{name}#{i // len(families)}",
+                    task=task,
+                    lane=lane,
+                    inits={k: v.unsqueeze(0) for k, v in init.items()},
+                    data_seed=task_seeds.data,
+                    val_batch=validation_batch(task, task_seeds.valid, 4),
+                )
+            )
+        self.eval_seconds = 0.0
+        self.best_ratio = math.inf
+        self.adam = self._adam_baseline()
+
+    # -- one held-out training run per task ---------------------------------------------------
+    def _train(self, item: _HeldoutTask, optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+        from .evaluation.runner import train_task
+
+        curves = train_task(
+            item.task,
+            item.lane,
+            item.inits,
+            item.data_seed,
+            item.val_batch,
+            [optimizer],
+            self.steps,
+            [self.steps],
+        )
+        return curves.train_loss, curves.val_loss[..., -1]
+
+    def _adam_baseline(self) -> list[dict[str, float]]:
+        """Best Adam of :data:`HELDOUT_ADAM_LRS` per task, computed once and cached."""
+        from .evaluation.optimizers import AdamGrid
+
+        path = self.run_dir / BASELINE_FILE
+        labels = [t.label for t in self.tasks]
+        if path.is_file():
+            cached = json.loads(path.read_text())
+            if cached.get("labels") == labels and cached.get("steps") == self.steps:
+                return cached["tasks"]
+        start = time.perf_counter()
+        out = []
+        for item in self.tasks:
+            train_loss, val_loss = self._train(item, AdamGrid(HELDOUT_ADAM_LRS))
+            scores = [final_score(train_loss[i, 0]) for i in range(len(HELDOUT_ADAM_LRS))]
+            best = min(range(len(scores)), key=scores.__getitem__)
+            out.append(
+                {
+                    "lr": HELDOUT_ADAM_LRS[best],
+                    "train_loss": scores[best],
+                    "valid_loss": float(val_loss[best, 0]),
+                    "first_loss": float(train_loss[best, 0, 0]),
+                }
+            )
+        record = {"labels": labels, "steps": self.steps, "lrs": HELDOUT_ADAM_LRS, "tasks": out}
+        path.write_text(json.dumps(record, indent=2))
+        self.eval_seconds += time.perf_counter() - start
+        return out
+
+    # -- the per-checkpoint evaluation ----------------------------------------------------------
+    def evaluate(self, theta_flat: torch.Tensor, lopt_config: Any) -> dict[str, float]:
+        """Held-out metrics of θ: means over tasks, per family, and the ratio to Adam."""
+        from .evaluation.optimizers import LearnedOptimizer
+
+        start = time.perf_counter()
+        theta = lopt.unflatten_theta(theta_flat.detach().clone(), lopt_config)
+        learned = LearnedOptimizer(theta, lopt_config)
+        rows = []
+        for item, adam in zip(self.tasks, self.adam):
+            train_loss, val_loss = self._train(item, learned)
+            score = final_score(train_loss[0, 0])
+            valid = float(val_loss[0, 0])
+            # diverged: non-finite, or clearly above where it started (noise-level ties are not)
+            diverged = not math.isfinite(score) or score > 1.05 * float(train_loss[0, 0, 0])
+            rows.append((item.family, score, valid, adam, diverged))
+        ratios = [min(s / max(a["train_loss"], 1e-12), 1e6) for _, s, _, a, _ in rows]
+        metrics = {
+            "heldout_train_loss": _mean([s for _, s, _, _, _ in rows]),
+            "heldout_valid_loss": _mean([v for _, _, v, _, _ in rows]),
+            "heldout_adam_train_loss": _mean([a["train_loss"] for _, _, _, a, _ in rows]),
+            "heldout_adam_valid_loss": _mean([a["valid_loss"] for _, _, _, a, _ in rows]),
+            "heldout_ratio": _mean(ratios),
+            "heldout_diverged": float(sum(d for *_, d in rows)),
+        }
+        for name in self.cfg.families:
+            mine = [r for r in rows if r[0] == name]
+            metrics[f"heldout_{name}_train_loss"] = _mean([s for _, s, _, _, _ in mine])
+            metrics[f"heldout_{name}_ratio"] = _mean(
+                [min(s / max(a["train_loss"], 1e-12), 1e6) for _, s, _, a, _ in mine]
+            )
+        self.eval_seconds += time.perf_counter() - start
+        metrics["heldout_eval_s"] = self.eval_seconds
+        return metrics
+
+    def record(
+        self,
+        step: int,
+        elapsed: float,
+        theta_flat: torch.Tensor,
+        lopt_config: Any,
+        writer: Any = None,
+    ) -> dict[str, float]:
+        """Evaluate, append to ``heldout.jsonl`` (and TensorBoard), keep the best θ."""
+        metrics = self.evaluate(theta_flat, lopt_config)
+        line = {"step": step, "elapsed_s": elapsed, **metrics}
+        with open(self.run_dir / CURVE_FILE, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        if writer is not None:
+            for key, value in metrics.items():
+                if math.isfinite(value):
+                    writer.add_scalar("heldout/" + key.removeprefix("heldout_"), value, step)
+        ratio = metrics["heldout_ratio"]
+        if metrics["heldout_diverged"] == 0 and ratio < self.best_ratio:
+            self.best_ratio = ratio
+            theta = lopt.unflatten_theta(theta_flat.detach().clone(), lopt_config)
+            lopt.save_theta(
+                self.run_dir / BEST_FILE,
+                {k: v.clone() for k, v in theta.items()},
+                lopt_config,
+                {"lozoo.heldout.step": str(step), "lozoo.heldout.ratio": f"{ratio:.6g}"},
+            )
+        return metrics
+
+    def resume(self, start: int) -> None:
+        """Drop curve lines past ``start`` (the resumed run redoes them) and recover the best."""
+        path = self.run_dir / CURVE_FILE
+        if not path.exists():
+            return
+        kept = []
+        for raw in path.read_text().splitlines():
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if line["step"] <= start:
+                kept.append(line)
+        path.write_text("".join(json.dumps(x) + "\n" for x in kept))
+        clean = [x["heldout_ratio"] for x in kept if x.get("heldout_diverged", 1) == 0]
+        self.best_ratio = min(clean, default=math.inf)
+        if kept:
+            self.eval_seconds = kept[-1].get("heldout_eval_s", 0.0)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
