@@ -1,6 +1,27 @@
-"""lozoo learned optimizers: the small_fc_lopt functional core and its torch.optim shell."""
+"""lozoo learned optimizers: the architecture registry, its architectures and their shells.
+
+Every architecture registers itself with :func:`register_architecture` (see
+:mod:`lopt.architecture`); small_fc_lopt is the first. ``SmallFCLOpt`` and the small_fc_lopt
+functional core stay importable at the top level.
+"""
 
 from . import shadowing  # noqa: F401  (first: a `zoo/` folder in the cwd must not hide our zoo)
+from .architecture import (
+    Architecture,
+    ConfigMixin,
+    UnknownArchitectureError,
+    architecture_names,
+    architecture_of,
+    config_from_dict,
+    flatten_theta,
+    get_architecture,
+    register_architecture,
+    resolve_config,
+    theta_sha256,
+    unflatten_theta,
+    unregister_architecture,
+    validate_theta,
+)
 from .config import MULO, ORIGINAL, PRESETS, SmallFCConfig, preset
 from .core import (
     effective_decays,
@@ -12,37 +33,47 @@ from .core import (
     update,
 )
 from .optimizer import DEFAULT_ZOO_REF, SmallFCLOpt, resolve_weights
-from .theta import (
-    flatten_theta,
-    init_theta,
-    load_theta,
-    save_theta,
-    theta_sha256,
-    unflatten_theta,
-    validate_theta,
-)
+from .shell import LearnedOptimizer, make_optimizer
+from .small_fc import SMALL_FC_LOPT
+from .theta import init_theta
+from .weights import ResolvedWeights, load_theta, register_ref_resolver, save_theta
 
 __all__ = [
     "DEFAULT_ZOO_REF",
     "MULO",
     "ORIGINAL",
     "PRESETS",
+    "SMALL_FC_LOPT",
+    "Architecture",
+    "ConfigMixin",
+    "LearnedOptimizer",
+    "ResolvedWeights",
     "SmallFCConfig",
     "SmallFCLOpt",
+    "UnknownArchitectureError",
+    "architecture_names",
+    "architecture_of",
+    "config_from_dict",
     "effective_decays",
     "factored_dims",
     "flatten_theta",
+    "get_architecture",
     "init_state",
     "init_tensor_state",
     "init_theta",
     "load_theta",
+    "make_optimizer",
     "preset",
+    "register_architecture",
+    "register_ref_resolver",
+    "resolve_config",
     "resolve_weights",
     "save_theta",
     "tensor_features",
     "tensor_step",
     "theta_sha256",
     "unflatten_theta",
+    "unregister_architecture",
     "update",
     "validate_theta",
 ]

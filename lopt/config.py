@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 TieBreak = Literal["first", "last"]
 
@@ -44,6 +44,7 @@ class SmallFCConfig:
     initial_rms_decays: tuple[float] = (0.999,)
     initial_adafactor_decays: tuple[float, float, float] = (0.9, 0.99, 0.999)
     tie_break: TieBreak = "first"
+    architecture: ClassVar[str] = "small_fc_lopt"
     # Decay offsets used by init_theta. The reference meta-learns them from 0; µLO fixes them.
     init_decay_offsets: dict[str, tuple[float, ...]] = field(default_factory=dict)
 

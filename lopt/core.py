@@ -334,13 +334,18 @@ def update(
     *,
     lr: float | torch.Tensor = 1.0,
     weight_decay: float = 0.0,
+    loss: torch.Tensor | None = None,
+    num_steps: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """One small_fc_lopt step over a dict of parameters (spec §4.4, §6).
 
     ``state`` comes from :func:`init_state`. Returns ``(new_params, new_state)``; the counter is
     incremented after the update, so the time features see the pre-increment value. ``lr``
     multiplies the step and weight decay is decoupled: ``p ← p·(1 − lr·wd) − lr·step``.
+    ``loss`` and ``num_steps`` are part of the architecture interface; small_fc_lopt uses
+    neither (its only notion of progress is ``t``).
     """
+    del loss, num_steps
     decays = effective_decays(theta, cfg)
     t = state["t"]
     new_params: dict[str, torch.Tensor] = {}

@@ -16,7 +16,7 @@ error (as in ``mup``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -167,27 +167,20 @@ class MuLO(SmallFCLOpt):
             shapes, _shapes_of(base_shapes), base_dim
         )
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One step; hidden tensors use ``lr / w`` (see the class doc)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            by_multiplier: dict[float, list] = {}
-            names = dict(zip(map(id, group["params"]), group["param_names"]))
-            for item in self._init_group(group):
-                w = self.width_multipliers[names[id(item[0])]]
-                by_multiplier.setdefault(w, []).append(item)
-            for w, work in by_multiplier.items():
-                small_fc_step(
-                    work,
-                    self._theta_on,
-                    self.config,
-                    lr=group["lr"] / w,
-                    weight_decay=group["weight_decay"],
-                    maximize=group["maximize"],
-                    backend=self.backend,
-                )
-        return loss
+    def _update_group(self, group: dict[str, Any], work: list, *, loss: Any = None) -> None:
+        """One group's step; hidden tensors use ``lr / w`` (see the class doc)."""
+        by_multiplier: dict[float, list] = {}
+        names = dict(zip(map(id, group["params"]), group["param_names"]))
+        for item in work:
+            w = self.width_multipliers[names[id(item.param)]]
+            by_multiplier.setdefault(w, []).append(item)
+        for w, items in by_multiplier.items():
+            small_fc_step(
+                items,
+                self._theta_on,
+                self.config,
+                lr=group["lr"] / w,
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                backend=self.backend,
+            )

@@ -425,7 +425,7 @@ def test_safetensors_without_config_needs_one(tmp_path):
 
     path = tmp_path / "bare.safetensors"
     save_file(random_theta(lopt.ORIGINAL), str(path))
-    with pytest.raises(ValueError, match="carries no small_fc_lopt config"):
+    with pytest.raises(ValueError, match="records no learned-optimizer architecture or config"):
         lopt.SmallFCLOpt(nn.Linear(2, 2).parameters(), str(path))
     opt = lopt.SmallFCLOpt(nn.Linear(2, 2).parameters(), str(path), "original")
     assert opt.config == lopt.ORIGINAL

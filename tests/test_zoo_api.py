@@ -269,7 +269,7 @@ def test_publish_dir_reads_run_directories(zroot, tmp_path):
         ("empty", r"no model.safetensors or theta.safetensors in"),
         ("pickle", "theta.pt look\\(s\\) like pickles, which lozoo never loads"),
         ("both", "holds both model.safetensors and theta.safetensors; choose one"),
-        ("bare", "no small_fc_lopt config for"),
+        ("bare", "no learned-optimizer config for"),
         ("mismatch", "architecture mismatch: .*config.json .* differs from the config stored"),
         ("noname", "no zoo name given"),
     ],

@@ -61,10 +61,14 @@ def test_end_to_end_publish_list_verify_train_in_subprocesses(tmp_path):
     listed = zoo_cli("list", root=root)
     assert listed.returncode == 0, listed.stderr
     rows = {line.split()[0]: line.split()[1:] for line in listed.stdout.splitlines()[1:]}
-    assert rows["test/e2e:1.0.0"][0] == "user" and "quadratic" in rows["test/e2e:1.0.0"]
-    assert rows["small_fc_lopt/mlp_mnist:1.0.0"][0] == "bundled"
+    assert rows["test/e2e:1.0.0"][:2] == ["small_fc_lopt", "user"]
+    assert "quadratic" in rows["test/e2e:1.0.0"]
+    assert rows["small_fc_lopt/mlp_mnist:1.0.0"][:2] == ["small_fc_lopt", "bundled"]
     checked = zoo_cli("verify", root=root)
-    assert checked.returncode == 0 and "OK    test/e2e:1.0.0 (user)" in checked.stdout
+    assert checked.returncode == 0
+    assert "OK    test/e2e:1.0.0 (user, small_fc_lopt, format 2)" in checked.stdout
+    bundled = "OK    small_fc_lopt/mlp_mnist:1.0.0 (bundled, small_fc_lopt, format 1)"
+    assert bundled in checked.stdout
     env = {**os.environ, "LOZOO_ZOO": str(root), "PYTHONPATH": str(REPO)}
     trained = subprocess.run(
         [sys.executable, "-c", TRAIN], capture_output=True, text=True, env=env, cwd=REPO
@@ -141,7 +145,8 @@ def test_verify_exit_code_and_warnings(zroot, tmp_path, capsys):
     capsys.readouterr()
     assert main(["verify"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  a/b:1.0.0 (user): zoo entry a/b:1.0.0" in out and "notes.txt" in out
+    assert "FAIL  a/b:1.0.0 (user, small_fc_lopt, format 2): zoo entry a/b:1.0.0" in out
+    assert "notes.txt" in out
     assert "warning: " in out and "latest: version directory name is not" in out
 
 

@@ -13,7 +13,7 @@ from torch import nn
 import lopt
 import zoo
 from zoo import store
-from zoo.entry import file_sha256
+from zoo.entry import config_json, file_sha256
 
 REF = "f/n:1.0.0"
 
@@ -51,14 +51,17 @@ def other_weights(path):
     rehash(path, "model.safetensors")  # file hashes patched, theta_sha256 left stale
 
 
-def wider_config(path):
-    (path / "config.json").write_text(lopt.SmallFCConfig(hidden_size=8).to_json())
+def write_config(path, cfg):
+    (path / "config.json").write_text(json.dumps(config_json(cfg)))
     rehash(path, "config.json")
+
+
+def wider_config(path):
+    write_config(path, lopt.SmallFCConfig(hidden_size=8))
 
 
 def other_step_mult(path):
-    (path / "config.json").write_text(lopt.SmallFCConfig(step_mult=0.5).to_json())
-    rehash(path, "config.json")
+    write_config(path, lopt.SmallFCConfig(step_mult=0.5))
 
 
 def pickle_model(path):

@@ -9,10 +9,16 @@ Quick use::
 
     import zoo, lopt
     zoo.publish(theta, lopt.ORIGINAL, "small_fc_lopt/mlp_mnist", meta={"task_family": ...})
-    opt = lopt.SmallFCLOpt(model.parameters(), weights="small_fc_lopt/mlp_mnist")
+    opt = lopt.make_optimizer(model.parameters(), weights="small_fc_lopt/mlp_mnist")
+
+Entries of every registered architecture are stored alike (format 2 records the architecture;
+format 1 entries are small_fc_lopt). ``zoo`` depends on ``lopt``, never the reverse: importing
+``zoo`` registers it with ``lopt`` as the resolver of weights references.
 
 CLI: ``python -m zoo list | show REF | verify [REF] | publish DIR | remove REF | import-pylo DIR``.
 """
+
+import lopt
 
 from .api import annotate, ignored_paths, list_entries, load, publish, remove, resolve, verify
 from .entry import VerifyResult, ZooEntry, ZooEntryInfo
@@ -61,3 +67,11 @@ __all__ = [
     "validate_name",
     "verify",
 ]
+
+
+def _resolve_for_lopt(ref: str) -> lopt.ResolvedWeights:
+    entry = load(ref)
+    return lopt.ResolvedWeights(entry.theta, entry.config, {"source": f"zoo:{entry.ref}"})
+
+
+lopt.register_ref_resolver(_resolve_for_lopt)

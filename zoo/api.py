@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from lopt.config import SmallFCConfig, preset
-from lopt.theta import save_theta, theta_sha256, validate_theta
+import lopt
+from lopt.weights import save_theta
 
 from . import card as cards
 from . import store
@@ -37,6 +37,7 @@ from .entry import (
     ZooEntry,
     ZooEntryInfo,
     check,
+    config_json,
     file_sha256,
     info,
     read_entry,
@@ -48,7 +49,7 @@ from .refs import FIRST_VERSION, LATEST, Ref, Version, parse_ref, parse_version,
 
 def publish(
     theta: Mapping[str, torch.Tensor],
-    config: SmallFCConfig | str,
+    config: Any,
     name: str,
     *,
     version: str | Version | None = None,
@@ -59,16 +60,16 @@ def publish(
 ) -> ZooEntry:
     """Publish θ as a new immutable entry of the user zoo and return it, loaded and verified.
 
-    ``meta`` (JSON-serialisable) is merged into ``meta.json``; see :mod:`zoo.card` for the keys
+    ``config`` is the config of any registered architecture (or a name ``lopt.resolve_config``
+    understands: ``"mulo"``, ``"small_fc_lopt"``, ``"ARCH:PRESET"``). ``meta``
+    (JSON-serialisable) is merged into ``meta.json``; see :mod:`zoo.card` for the keys
     the card renders. ``card`` is free text placed at the top of the card. ``attachments`` are
     extra files copied into the entry (``{"curves.png": path}`` or a list of paths); images are
     shown in the card. The write is atomic under an exclusive per-name lock.
     """
     validate_name(name)
-    cfg = preset(config) if isinstance(config, str) else config
-    if not isinstance(cfg, SmallFCConfig):
-        raise TypeError(f"config must be a SmallFCConfig or preset name, got {type(cfg).__name__}")
-    theta = validate_theta(theta, cfg)
+    cfg = _publishable_config(config)
+    theta = lopt.validate_theta(theta, cfg)
     user_meta = check_meta(meta)
     if card is not None:
         user_meta["description"] = str(card)
@@ -195,6 +196,25 @@ def annotate(
 
 
 # -- internals ----------------------------------------------------------------------------------
+def _publishable_config(config: Any) -> Any:
+    if isinstance(config, str):
+        return lopt.resolve_config(config)
+    name = getattr(type(config), "architecture", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            f"config must be a learned-optimizer config (e.g. lopt.ORIGINAL) or a preset name, "
+            f"got {type(config).__name__}"
+        )
+    if name not in lopt.architecture_names():
+        raise lopt.UnknownArchitectureError(
+            f"cannot publish {type(config).__name__}: its architecture {name!r} is not "
+            f"registered (registered: {', '.join(lopt.architecture_names())}); import the module "
+            "that registers it with lopt.register_architecture first"
+        )
+    lopt.architecture_of(config)
+    return config
+
+
 def _as_version(version: str | Version | None) -> Version | None:
     if version is None or isinstance(version, Version):
         return version
@@ -226,7 +246,7 @@ def _choose_version(
 
 def _publish(
     theta: Mapping[str, torch.Tensor],
-    cfg: SmallFCConfig,
+    cfg: Any,
     name: str,
     wanted: Version | None,
     user_meta: dict[str, Any],
@@ -244,18 +264,19 @@ def _publish(
         version = _choose_version(name, wanted, taken, after)
         with store.staging_dir(name_dir) as tmp:
             save_theta(tmp / MODEL, theta, cfg)
-            _write_text(tmp / CONFIG, json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+            _write_text(tmp / CONFIG, json.dumps(config_json(cfg), indent=2, sort_keys=True))
             for fname, src in attachments.items():
                 shutil.copyfile(src, tmp / fname)
             meta = {
                 "format": FORMAT,
+                "architecture": lopt.architecture_of(cfg).name,
                 "name": name,
                 "version": str(version),
                 "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "lozoo_version": _lozoo_version(),
                 "num_params": cfg.num_params,
                 "sha256": file_sha256(tmp / MODEL),
-                "theta_sha256": theta_sha256(theta),
+                "theta_sha256": lopt.theta_sha256(theta),
                 **user_meta,
             }
             text = cards.render(name, str(version), cfg, meta, sorted(attachments))

@@ -16,7 +16,7 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
-from lopt.config import SmallFCConfig
+import lopt
 
 from .entry import RESERVED_META
 
@@ -83,20 +83,23 @@ def _command(command: Any) -> str:
 def render(
     name: str,
     version: str,
-    config: SmallFCConfig,
+    config: Any,
     meta: Mapping[str, Any],
     attachments: list[str],
 ) -> str:
     """Markdown card for one entry (``attachments``: file names inside the entry)."""
     family = name.split("/")[0]
-    widths = "→".join(str(n) for n in (39, *[config.hidden_size] * config.hidden_layers, 2))
+    arch = lopt.architecture_of(config)
+    summary = arch.summary(config) or (
+        f"A {arch.name} learned optimizer with {config.num_params:,} meta-parameters."
+    )
     out = [
         "---",
         "library_name: lozoo",
         "tags:",
         "- learned-optimizer",
-        "- small_fc_lopt",
-        *([f"- {family}"] if family != "small_fc_lopt" else []),
+        f"- {arch.name}",
+        *([f"- {family}"] if family != arch.name else []),
         "---",
         "",
         f"# {name} {version}",
@@ -105,14 +108,13 @@ def render(
     if meta.get("description"):
         out += [str(meta["description"]).strip(), ""]
     out += [
-        f"A small_fc_lopt learned optimizer: MLP {widths}, step_mult {config.step_mult:g}, "
-        f"{config.num_params:,} meta-parameters.",
+        summary,
         "",
         "## Use",
         "",
         "```python",
         "import lopt",
-        f'opt = lopt.SmallFCLOpt(model.parameters(), weights="{name}:{version}")',
+        f'opt = lopt.{arch.optimizer.__name__}(model.parameters(), weights="{name}:{version}")',
         "```",
         "",
     ]
@@ -129,7 +131,12 @@ def render(
     if meta.get("metrics") or images:
         out += ["## Evaluation", "", *_metrics(meta.get("metrics")), ""]
         out += [line for a in images for line in (f"![{a}]({a})", "")]
-    out += ["## Optimizer config", "", *_table(_flatten(config.to_dict())), ""]
+    out += [
+        "## Optimizer config",
+        "",
+        *_table({"architecture": arch.name, **_flatten(config.to_dict())}),
+        "",
+    ]
     if isinstance(meta.get("source"), Mapping):
         out += ["## Provenance", "", *_table(_flatten(meta["source"])), ""]
     if meta.get("caveats"):

@@ -39,11 +39,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no entries (user zoo: {store.user_root(args.root)})")
         return 0
-    rows = [("REF", "ZOO", "CREATED", "TASK FAMILY", "SHA256")]
+    rows = [("REF", "ARCHITECTURE", "ZOO", "CREATED", "TASK FAMILY", "SHA256")]
     for e in entries:
         created = e.created or (e.problem and "unreadable meta.json") or ""
         zoo = "bundled" if e.bundled else "user"
-        rows.append((e.ref, zoo, created, e.task_family or "-", e.sha256[:12] or "-"))
+        rows.append(
+            (e.ref, e.architecture or "-", zoo, created, e.task_family or "-", e.sha256[:12] or "-")
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -76,6 +78,8 @@ def _print_entry(entry, problem: str | None) -> None:
     if config_path.is_file():
         config = json.loads(config_path.read_text(encoding="utf-8"))
         print(f"  {'config:':<13} " + " ".join(f"{k}={v}" for k, v in sorted(config.items())))
+    print(f"  {'architecture:':<13} {entry.architecture or '-'}")
+    print(f"  {'format:':<13} {entry.format_version or entry.meta.get('format', '?')}")
     for key in ("created", "sha256", "theta_sha256", "num_params", "task_family", "outer_steps"):
         if key in entry.meta:
             print(f"  {key + ':':<13} {entry.meta[key]}")
@@ -83,7 +87,7 @@ def _print_entry(entry, problem: str | None) -> None:
         if key in entry.meta:
             print(f"  {key + ':':<13} {json.dumps(entry.meta[key])}")
     if not problem:
-        print(f"  {'use:':<13} lopt.SmallFCLOpt(model.parameters(), weights={entry.ref!r})")
+        print(f"  {'use:':<13} lopt.make_optimizer(model.parameters(), weights={entry.ref!r})")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -92,8 +96,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         for note in api.ignored_paths(args.root):
             print(f"warning: {note}")
     for r in results:
-        zoo = "bundled" if r.bundled else "user"
-        print(f"OK    {r.ref} ({zoo})" if r.ok else f"FAIL  {r.ref} ({zoo}): {r.problem}")
+        where = "bundled" if r.bundled else "user"
+        fmt = f"format {r.format_version}" if r.format_version else "format ?"
+        about = f"{where}, {r.architecture or '?'}, {fmt}"
+        print(f"OK    {r.ref} ({about})" if r.ok else f"FAIL  {r.ref} ({about}): {r.problem}")
     if not results:
         print(f"no entries (user zoo: {store.user_root(args.root)})")
     return 0 if all(r.ok for r in results) else 1

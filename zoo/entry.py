@@ -1,5 +1,11 @@
 """What an entry holds, and how it is read and verified before anything is handed out.
 
+Format 2 (``meta.json`` ``"format": "lozoo-zoo-entry/2"``) records the learned-optimizer
+architecture in ``config.json`` (``{"architecture": ..., "format_version": 2, ...config}``), in
+``meta.json`` and in the safetensors metadata of ``model.safetensors``. Format 1 entries (before
+lozoo had more than one architecture: config.json is the bare small_fc_lopt config) still load;
+see docs/design/zoo_format.md.
+
 ``meta.json`` records ``sha256`` (of the ``model.safetensors`` bytes, what ``sha256sum`` prints),
 ``theta_sha256`` (:func:`lopt.theta_sha256` of the tensors, the value ``SmallFCLOpt`` stores in its
 ``state_dict``) and ``files`` (sha256 of every other file but ``meta.json`` itself). Loading checks
@@ -18,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lopt.config import SmallFCConfig
-from lopt.theta import CONFIG_METADATA_KEY, Theta, load_theta, theta_sha256
+import lopt
+from lopt.architecture import LEGACY_ARCHITECTURE, read_weights_metadata, theta_sha256
+from lopt.weights import load_theta, read_header
 
 from .errors import EntryNotFoundError, IntegrityError
 from .store import Location
@@ -29,9 +36,15 @@ CONFIG = "config.json"
 META = "meta.json"
 CARD = "README.md"
 REQUIRED = (MODEL, CONFIG, META, CARD)
-FORMAT = "lozoo-zoo-entry/1"
+FORMAT_VERSION = 2
+FORMAT = f"lozoo-zoo-entry/{FORMAT_VERSION}"
+FORMATS = {"lozoo-zoo-entry/1": 1, FORMAT: FORMAT_VERSION}
+"""Every ``meta.json`` format this version of lozoo reads, and its number."""
+CONFIG_KEYS = ("architecture", "format_version")
+"""Keys of a format-2 ``config.json`` that are not fields of the architecture's config."""
 RESERVED_META = (
     "format",
+    "architecture",
     "name",
     "version",
     "created",
@@ -68,21 +81,42 @@ class ZooEntryInfo:
     def task_family(self) -> str:
         return str(self.meta.get("task_family", ""))
 
+    @property
+    def architecture(self) -> str:
+        """The architecture recorded in ``meta.json`` (format 1: small_fc_lopt, the only one)."""
+        if not self.meta:
+            return ""
+        return str(self.meta.get("architecture", LEGACY_ARCHITECTURE))
+
+    @property
+    def format_version(self) -> int | None:
+        return FORMATS.get(self.meta.get("format"))  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """A loaded, verified entry: θ and config ready for ``lopt.SmallFCLOpt``."""
+    """A loaded, verified entry: θ and config ready for its architecture's optimizer.
+
+    ``lopt.make_optimizer(params, weights=entry.ref)`` builds it; ``optimizer_class`` names it.
+    """
 
     ref: str
     name: str
     version: str
     path: Path
-    theta: Theta = field(repr=False)
-    config: SmallFCConfig
+    theta: dict[str, Any] = field(repr=False)
+    config: Any
     meta: dict[str, Any] = field(repr=False)
     sha256: str
     theta_sha256: str
     bundled: bool
+    architecture: str = LEGACY_ARCHITECTURE
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def optimizer_class(self) -> type:
+        """The ``torch.optim`` shell of the entry's architecture (e.g. ``lopt.SmallFCLOpt``)."""
+        return lopt.get_architecture(self.architecture).optimizer
 
     @property
     def card(self) -> str:
@@ -95,6 +129,8 @@ class VerifyResult:
     path: Path
     bundled: bool
     problem: str | None = None
+    format_version: int | None = None
+    architecture: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -190,21 +226,45 @@ def _file_problems(loc: Location, meta: dict[str, Any], verify: bool) -> list[st
     return problems
 
 
-def _read_config(loc: Location) -> SmallFCConfig:
+def config_json(cfg: Any) -> dict[str, Any]:
+    """The format-2 ``config.json`` of ``cfg``: its architecture, the format and its fields."""
+    arch = lopt.architecture_of(cfg)
+    return {"architecture": arch.name, "format_version": FORMAT_VERSION, **cfg.to_dict()}
+
+
+def parse_config_json(data: Any) -> tuple[str, Any, int]:
+    """``(architecture, config, format_version)`` of a ``config.json`` object, format 2 or 1.
+
+    Raises ``ValueError``/``TypeError`` (an unknown architecture: ``lopt``'s
+    ``UnknownArchitectureError``, which lists the registered ones).
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+    if "architecture" not in data:  # format 1: the bare small_fc_lopt config
+        return LEGACY_ARCHITECTURE, lopt.config_from_dict(LEGACY_ARCHITECTURE, data), 1
+    fields = {k: v for k, v in data.items() if k not in CONFIG_KEYS}
+    version = data.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"format_version {version!r} is not one this lozoo reads (1..{FORMAT_VERSION}); "
+            "upgrade lozoo"
+        )
+    name = data["architecture"]
+    return name, lopt.config_from_dict(name, fields), version
+
+
+def _read_config(loc: Location) -> tuple[str, Any, int]:
     try:
-        return SmallFCConfig.from_json((loc.path / CONFIG).read_text(encoding="utf-8"))
+        data = json.loads((loc.path / CONFIG).read_text(encoding="utf-8"))
+        return parse_config_json(data)
     except (ValueError, TypeError, UnicodeDecodeError) as err:
         raise IntegrityError(
-            f"{describe(loc)}: {CONFIG} is not a valid small_fc_lopt config ({err})"
+            f"{describe(loc)}: {CONFIG} is not a valid learned-optimizer config ({err})"
         ) from None
 
 
-def _embedded_config(path: Path) -> SmallFCConfig | None:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
-    return SmallFCConfig.from_json(text) if text else None
+def _embedded(path: Path):
+    return read_weights_metadata(read_header(path))
 
 
 def removed_error(loc: Location) -> EntryNotFoundError:
@@ -234,7 +294,22 @@ def _read_entry(loc: Location, verify: bool) -> ZooEntry:
     problems = _file_problems(loc, meta, verify)
     if problems:
         raise IntegrityError(f"{where}: {'; '.join(problems)}")
-    config = _read_config(loc)
+    architecture, config, config_format = _read_config(loc)
+    entry_format = FORMATS.get(meta.get("format"))  # type: ignore[arg-type]
+    if entry_format is None:
+        raise IntegrityError(
+            f"{where}: {META} has format {meta.get('format')!r}; this lozoo reads "
+            f"{', '.join(sorted(FORMATS))} (upgrade lozoo for newer entries)"
+        )
+    if config_format != entry_format:
+        raise IntegrityError(
+            f"{where}: {CONFIG} is format {config_format} but {META} says format {entry_format}"
+        )
+    if meta.get("architecture", LEGACY_ARCHITECTURE) != architecture:
+        raise IntegrityError(
+            f"{where}: architecture mismatch: {META} says {meta.get('architecture')!r}, "
+            f"{CONFIG} says {architecture!r}"
+        )
     try:
         theta, _ = load_theta(loc.path / MODEL, config)
     except ValueError as err:
@@ -248,9 +323,15 @@ def _read_entry(loc: Location, verify: bool) -> ZooEntry:
             kind = ""
         raise IntegrityError(f"{where}: {kind}{err}") from None
     try:
-        embedded = _embedded_config(loc.path / MODEL)
+        header = _embedded(loc.path / MODEL)
     except ValueError as err:
         raise IntegrityError(f"{where}: config stored in {MODEL} is invalid ({err})") from None
+    embedded = header.config
+    if header.architecture is not None and header.architecture != architecture:
+        raise IntegrityError(
+            f"{where}: architecture mismatch: {CONFIG} says {architecture!r} but {MODEL} holds "
+            f"{header.architecture!r} weights"
+        )
     if embedded is not None and embedded != config:
         raise IntegrityError(
             f"{where}: architecture mismatch: {CONFIG} ({config}) differs from the config "
@@ -279,13 +360,25 @@ def _read_entry(loc: Location, verify: bool) -> ZooEntry:
         sha256=file_sha256(loc.path / MODEL),
         theta_sha256=content_sha,
         bundled=loc.bundled,
+        architecture=architecture,
+        format_version=entry_format,
     )
 
 
 def check(loc: Location) -> VerifyResult:
     """Verify one entry; an entry removed meanwhile raises :class:`EntryNotFoundError`."""
     try:
-        read_entry(loc, verify=True)
+        entry = read_entry(loc, verify=True)
     except IntegrityError as err:
-        return VerifyResult(loc.ref, loc.path, loc.bundled, str(err))
-    return VerifyResult(loc.ref, loc.path, loc.bundled)
+        found = info(loc)
+        return VerifyResult(
+            loc.ref,
+            loc.path,
+            loc.bundled,
+            str(err),
+            found.format_version,
+            found.architecture or None,
+        )
+    return VerifyResult(
+        loc.ref, loc.path, loc.bundled, None, entry.format_version, entry.architecture
+    )

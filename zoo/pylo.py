@@ -16,7 +16,6 @@ use ``"last"`` for parity with PyLO's own optimizer. Pickles (``pytorch_model.bi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import Any
 
 import torch
 
-from lopt.config import MULO, NUM_FEATURES, SmallFCConfig, TieBreak
-from lopt.theta import Theta
+from lopt.small_fc import METAMLP_INPUT_SIZE as NUM_FEATURES
+from lopt.small_fc import from_metamlp
 
 from .api import publish
 from .entry import ZooEntry, file_sha256, looks_like_pickle
@@ -129,24 +128,19 @@ def convert_pylo(
     *,
     source: str | None = None,
     revision: str | None = None,
-    tie_break: TieBreak = "first",
-) -> tuple[Theta, SmallFCConfig, dict[str, Any]]:
+    tie_break: str = "first",
+) -> tuple[dict[str, torch.Tensor], Any, dict[str, Any]]:
     """``(θ, config, meta)`` for a PyLO HF-layout directory, without publishing anything."""
     directory = Path(directory)
     cfg, tensors = _read(directory)
     layers = _layers(directory, tensors)
     hidden = _check_shapes(directory, tensors, layers)
     _cross_check(directory, cfg, hidden, len(layers) - 2)
-    theta: Theta = {
-        k: torch.tensor(v, dtype=torch.float32) for k, v in MULO.init_decay_offsets.items()
-    }
-    for k, module in enumerate(layers):
-        weight = tensors[f"network.{module}.weight"].to(torch.float32)
-        theta[f"w{k}"] = weight.t().contiguous()
-        theta[f"b{k}"] = tensors[f"network.{module}.bias"].to(torch.float32).clone()
-    config = dataclasses.replace(
-        MULO, hidden_size=hidden, hidden_layers=len(layers) - 1, tie_break=tie_break
-    )
+    linears = [
+        (tensors[f"network.{module}.weight"], tensors[f"network.{module}.bias"])
+        for module in layers
+    ]
+    theta, config = from_metamlp(linears, tie_break)  # type: ignore[arg-type]
     cached = _HF_CACHE.search(directory.resolve().as_posix())
     if cached and source is None:
         source = f"{cached.group(1)}/{cached.group(2)}"
@@ -190,7 +184,7 @@ def import_pylo(
     version: str | Version | None = None,
     source: str | None = None,
     revision: str | None = None,
-    tie_break: TieBreak = "first",
+    tie_break: str = "first",
     root: PathLike | None = None,
 ) -> ZooEntry:
     """Convert a PyLO HF-layout directory and publish it as ``name`` (see the module doc).

@@ -4,10 +4,11 @@ What the directory may hold:
 
 - the weights: ``model.safetensors`` or ``theta.safetensors`` (exactly one of them, or name the
   file with ``weights_file``); safetensors only;
-- the small_fc_lopt config: embedded in the safetensors metadata (``lopt.save_theta`` writes
-  it) and/or ``config.json``. If both are there they must agree. A ``config.json`` that is not a
-  small_fc_lopt config (a meta-trainer's run config) is kept as ``meta["meta_training"]`` when
-  the weights carry their own config;
+- the learned-optimizer config: embedded in the safetensors metadata with its architecture
+  (``lopt.save_theta`` writes both) and/or ``config.json`` (a zoo entry's, format 2 or 1). If
+  both are there they must agree. A ``config.json`` that is not an optimizer config (a
+  meta-trainer's run config) is kept as ``meta["meta_training"]`` when the weights carry their
+  own config;
 - ``meta.json`` (optional): merged into the entry's meta. Keys the zoo writes itself (sha256,
   created, ...) are dropped, so a copied zoo entry directory republishes cleanly; its ``name``
   is used when no name is given.
@@ -20,11 +21,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lopt.config import SmallFCConfig
-from lopt.theta import CONFIG_METADATA_KEY, load_theta
+from lopt.architecture import UnknownArchitectureError, read_weights_metadata
+from lopt.weights import load_theta, read_header
 
 from .api import publish
-from .entry import CONFIG, META, MODEL, RESERVED_META, ZooEntry, looks_like_pickle
+from .entry import (
+    CONFIG,
+    META,
+    MODEL,
+    RESERVED_META,
+    ZooEntry,
+    looks_like_pickle,
+    parse_config_json,
+)
 from .inputs import Attachments, PathLike
 from .refs import Version
 
@@ -62,29 +71,30 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
-def _config_from_json(data: Any) -> tuple[SmallFCConfig | None, str]:
+def _config_from_json(data: Any) -> tuple[Any, str]:
     if not isinstance(data, Mapping):
         return None, "it is not a JSON object"
     try:
-        return SmallFCConfig.from_dict(dict(data)), ""
+        return parse_config_json(dict(data))[1], ""
+    except UnknownArchitectureError:
+        raise  # an optimizer config of an architecture lozoo does not know: say so, do not guess
     except (ValueError, TypeError) as err:
         return None, str(err)
 
 
-def _embedded_config(weights: Path) -> SmallFCConfig | None:
-    from safetensors import SafetensorError, safe_open
+def _embedded_config(weights: Path) -> Any:
+    from safetensors import SafetensorError
 
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+        header = read_header(weights)
     except (SafetensorError, OSError, ValueError):
         return None  # load_theta below reports the broken file precisely
-    return SmallFCConfig.from_json(text) if text else None
+    return read_weights_metadata(header).config
 
 
 def read_run_dir(
     directory: PathLike, weights_file: str | None = None
-) -> tuple[dict, SmallFCConfig, dict[str, Any]]:
+) -> tuple[dict, Any, dict[str, Any]]:
     """``(θ, config, meta)`` from a run directory, with the config rules of the module doc."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -108,16 +118,17 @@ def read_run_dir(
             )
         if from_json is None and embedded is None:
             raise ValueError(
-                f"{directory / CONFIG} is not a small_fc_lopt config ({why}) and {weights.name} "
-                "carries none in its metadata; write the weights with lopt.save_theta"
+                f"{directory / CONFIG} is not a learned-optimizer config ({why}) and "
+                f"{weights.name} carries none in its metadata; write the weights with "
+                "lopt.save_theta"
             )
         if from_json is None:
             meta.setdefault("meta_training", data)
         config = config or from_json
     if config is None:
         raise ValueError(
-            f"no small_fc_lopt config for {weights}: no {CONFIG} in {directory} and none in the "
-            "file's metadata (write the weights with lopt.save_theta, or add config.json)"
+            f"no learned-optimizer config for {weights}: no {CONFIG} in {directory} and none in "
+            "the file's metadata (write the weights with lopt.save_theta, or add config.json)"
         )
     theta, config = load_theta(weights, config)
     return theta, config, meta
