@@ -263,7 +263,7 @@ def _read_config(loc: Location) -> tuple[str, Any, int]:
         ) from None
 
 
-def _embedded(path: Path):
+def _embedded_config(path: Path):
     return read_weights_metadata(read_header(path))
 
 
@@ -323,7 +323,7 @@ def _read_entry(loc: Location, verify: bool) -> ZooEntry:
             kind = ""
         raise IntegrityError(f"{where}: {kind}{err}") from None
     try:
-        header = _embedded(loc.path / MODEL)
+        header = _embedded_config(loc.path / MODEL)
     except ValueError as err:
         raise IntegrityError(f"{where}: config stored in {MODEL} is invalid ({err})") from None
     embedded = header.config
