@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .ray_executor import RayExecutor
 
 BUFFER_BATCHES = 5
-RETRY_PAUSE_S = 1.0  # before resubmitting to a worker that just failed (no busy loop on it)
+RETRY_PAUSE_S = 1.0  # how often down workers are pinged while waiting for results
 
 
 class AsyncPipeline:
@@ -31,7 +31,6 @@ class AsyncPipeline:
         self.ex = executor
         self.pending: dict[ray.ObjectRef, tuple[int, float]] = {}  # ref → (worker, submitted)
         self.buffer: list[WorkerResult] = []
-        self.retry_at: dict[int, float] = {}
         self.theta_ref: ray.ObjectRef | None = None
         self.theta_step = -1
 
@@ -41,9 +40,8 @@ class AsyncPipeline:
 
     def _feed_idle(self) -> None:
         busy = {w for w, _ in self.pending.values()}
-        now = time.monotonic()
         for w in self.ex.live:
-            if w not in busy and self.retry_at.get(w, 0.0) <= now:
+            if w not in busy:
                 self._submit(w)
 
     def _restart_late(self, step: int) -> None:
@@ -52,13 +50,13 @@ class AsyncPipeline:
             if limit and now - t0 > limit:
                 del self.pending[ref]
                 self.ex.restart(w, step, now - t0)
-                self.retry_at[w] = now + RETRY_PAUSE_S
 
     def _wait_timeout(self) -> float | None:
-        """Until the oldest in-flight step times out, or the next retry is due."""
+        """Until the oldest in-flight step times out, or the next ping of a down worker."""
         now, limit = time.monotonic(), self.ex.cfg.worker_timeout
         waits = [t0 + limit - now for _, t0 in self.pending.values()] if limit else []
-        waits += [t - now for t in self.retry_at.values() if t > now]
+        if self.ex.down:
+            waits.append(RETRY_PAUSE_S)
         return max(0.05, min(waits)) if waits else None
 
     def gradients(
@@ -71,10 +69,17 @@ class AsyncPipeline:
         self.buffer = kept
         window = max(self.ex.cfg.worker_timeout, 60.0)
         last_ok = time.monotonic()
-        while len(self.buffer) < len(self.ex.live):
+        # a batch is one gradient per live worker; with every worker down, the first to return
+        while len(self.buffer) < max(1, len(self.ex.live)):
+            self.ex.poll_down(step)
             self._feed_idle()
+            if time.monotonic() - last_ok > window:
+                raise RuntimeError(
+                    f"step {step}: no Ray worker returned a gradient for {window:g} s; check "
+                    "the cluster (`ray status`) and continue with --resume RUN_DIR"
+                )
             if not self.pending:
-                time.sleep(self._wait_timeout() or RETRY_PAUSE_S)
+                self.ex.poll_down(step, wait_s=RETRY_PAUSE_S)
                 continue
             ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=self._wait_timeout())
             if not ready:
@@ -83,21 +88,15 @@ class AsyncPipeline:
             worker, _ = self.pending.pop(ready[0])
             result = self.ex.fetch(worker, ready[0], step)
             if result is None:
-                self.retry_at[worker] = time.monotonic() + RETRY_PAUSE_S
-                if time.monotonic() - last_ok > window:
-                    raise RuntimeError(
-                        f"step {step}: no Ray worker returned a gradient for {window:g} s; check "
-                        "the cluster (`ray status`) and continue with --resume RUN_DIR"
-                    )
-                continue
+                continue  # the worker is down now; poll_down brings it back
             last_ok = time.monotonic()
             self._submit(worker)  # keep it busy, with the newest θ
             age = step - result.step
-            if 0 <= age <= bound and len(self.buffer) < BUFFER_BATCHES * len(self.ex.live):
+            if 0 <= age <= bound and len(self.buffer) < BUFFER_BATCHES * max(1, len(self.ex.live)):
                 self.buffer.append(result)
             else:
                 dropped += 1
-        batch = len(self.ex.live)
+        batch = max(1, len(self.ex.live))
         out, self.buffer = self.buffer[:batch], self.buffer[batch:]
         ages = [step - r.step for r in out]
         return out, {

@@ -13,10 +13,17 @@ Faults. Actors are created with ``max_restarts=--worker-restarts`` and ``max_tas
 Ray restarts a crashed actor (on another node if its node is gone, ``SPREAD`` placement), but
 never silently re-runs a step. A restarted actor re-runs ``__init__``, i.e. rebuilds its worker
 fresh from the run seed: its lanes and PES accumulators are lost, as in the reference, where
-worker states are never checkpointed. The in-flight result of a crashed actor is dropped and the
-step averages the survivors; if none survives, the step is retried once the actors are back. A
-result that takes longer than ``--worker-timeout`` is dropped and its actor restarted. An actor
-out of restarts is dropped from the run; the run fails (resumable) only when none is left.
+worker states are never checkpointed.
+
+A worker whose call fails (process or node gone) or that exceeds ``--worker-timeout`` is *down*:
+its in-flight result is dropped, it leaves ``live`` (so ``workers_live`` counts only workers that
+are computing), and no step is sent to it or waits for it. Its estimators are dropped, not
+re-placed: each step averages the live workers' gradients, so a step costs what one live worker's
+estimators cost, as before the loss. One cheap ``ping`` stays in flight to a down actor; when it
+answers (Ray restarted the actor, on a surviving node with a free CPU or on a node that joined)
+the worker is live again from the next step. If every worker is down the step waits for the first
+to return. An actor out of restarts leaves the run for good; the run fails (resumable) only when
+none is left, or when no worker has answered for ``max(--worker-timeout, 60)`` seconds.
 
 Checkpoints gather every actor's state (``ray.get`` at checkpoint steps only) in the same layout
 as ``SerialExecutor``; an actor that cannot answer is stored as ``None`` and restarts fresh.
@@ -49,7 +56,7 @@ log = logging.getLogger("lozoo.metatrain.ray")
 
 # A worker process or node went away (not a bug in the worker's code, which propagates).
 FAULTS = (RayActorError, WorkerCrashedError, OutOfMemoryError, ObjectLostError, GetTimeoutError)
-RETRY_PAUSE_S = 1.0  # between attempts of a step whose workers all failed
+RETRY_PAUSE_S = 1.0  # between pings of a down worker whose last ping failed
 
 
 @ray.remote
@@ -68,6 +75,15 @@ class WorkerActor:
             "node_id": ctx.get_node_id(),
             "threads": torch.get_num_threads(),
             "task_configs": self.worker.task_configs(),
+        }
+
+    def ping(self) -> dict[str, Any]:
+        """Where this actor runs now; answered once a restarted actor is back."""
+        ctx = ray.get_runtime_context()
+        return {
+            "worker_id": self.worker.worker_id,
+            "pid": os.getpid(),
+            "node_id": ctx.get_node_id(),
         }
 
     def compute(self, theta: torch.Tensor, step: int) -> WorkerResult:
@@ -125,6 +141,8 @@ class RayExecutor:
         cfg = self.cfg.to_dict()
         self.actors = [actor.remote(cfg, i, self.threads) for i in range(self.num_workers)]
         self.live = list(range(self.num_workers))
+        self.down: dict[int, ray.ObjectRef | None] = {}  # worker -> ping in flight (None: due)
+        self._ping_due: dict[int, float] = {}
         self.failures = 0  # every dropped result or restart, over the run
         timeout = self.cfg.worker_timeout or None
         refs = [a.info.remote() for a in self.actors]
@@ -152,13 +170,16 @@ class RayExecutor:
         return [c for info in self.infos for c in info["task_configs"]]
 
     def fault(self, worker: int, step: int, err: BaseException | str) -> None:
-        """Log a worker fault; a worker out of restarts leaves the run."""
+        """Log a worker fault and take the worker out of ``live``: down until its actor answers
+        a ping again, or gone for good once it is out of restarts."""
         self.failures += 1
         self._step_failures += 1
         reason = err if isinstance(err, str) else f"{type(err).__name__}: {str(err)[:200]}"
+        if worker in self.live:
+            self.live.remove(worker)
         if isinstance(err, ActorDiedError):
-            if worker in self.live:
-                self.live.remove(worker)
+            self.down.pop(worker, None)
+            self._ping_due.pop(worker, None)
             log.error(
                 "step %d: Ray worker %d is dead for good (--worker-restarts %d exhausted or "
                 "unrecoverable): %s; continuing with %d worker(s)",
@@ -168,18 +189,67 @@ class RayExecutor:
                 reason,
                 len(self.live),
             )
-        else:
-            log.warning("step %d: Ray worker %d failed; result dropped: %s", step, worker, reason)
-        if not self.live:
-            raise RuntimeError(
-                f"step {step}: every Ray worker is dead ({self.failures} faults); fix the "
-                "cluster (`ray status`) and continue with --resume RUN_DIR"
-            )
+            if not self.live and not self.down:
+                raise RuntimeError(
+                    f"step {step}: every Ray worker is dead ({self.failures} faults); fix the "
+                    "cluster (`ray status`) and continue with --resume RUN_DIR"
+                )
+            return
+        if worker not in self.down:
+            self.down[worker] = None
+            self._ping_due[worker] = time.monotonic()
+        log.warning(
+            "step %d: Ray worker %d failed; result dropped, continuing with %d live worker(s) "
+            "until it is back: %s",
+            step,
+            worker,
+            len(self.live),
+            reason,
+        )
 
     def restart(self, worker: int, step: int, waited: float) -> None:
         """A worker over ``--worker-timeout``: drop its result and restart its actor."""
         self.fault(worker, step, f"no result after {waited:.0f} s (--worker-timeout); restarting")
         ray.kill(self.actors[worker], no_restart=False)
+
+    def poll_down(self, step: int, wait_s: float = 0.0) -> None:
+        """Ping down workers (at most once per ``RETRY_PAUSE_S`` each); a worker whose actor
+        answers is live again. Waits up to ``wait_s`` for one to answer."""
+        now = time.monotonic()
+        for w, ref in list(self.down.items()):
+            if ref is None and self._ping_due.get(w, 0.0) <= now:
+                self.down[w] = self.actors[w].ping.remote()
+        pings = {ref: w for w, ref in self.down.items() if ref is not None}
+        if not pings:
+            if wait_s > 0:
+                time.sleep(min(wait_s, RETRY_PAUSE_S))
+            return
+        if wait_s > 0:
+            ray.wait(list(pings), num_returns=1, timeout=wait_s)
+        ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=0)
+        for ref in ready:
+            w = pings[ref]
+            try:
+                where = ray.get(ref)
+            except ActorDiedError as err:
+                self.fault(w, step, err)
+                continue
+            except FAULTS:
+                self.down[w] = None  # still down: ping again after a pause
+                self._ping_due[w] = time.monotonic() + RETRY_PAUSE_S
+                continue
+            del self.down[w]
+            self._ping_due.pop(w, None)
+            self.live = sorted([*self.live, w])
+            self.infos[w] = {**self.infos[w], **where}
+            log.warning(
+                "step %d: Ray worker %d is back (pid %d on node %s, rebuilt fresh); %d live",
+                step,
+                w,
+                where["pid"],
+                where["node_id"][:12],
+                len(self.live),
+            )
 
     def fetch(self, worker: int, ref: ray.ObjectRef, step: int) -> WorkerResult | None:
         """The result behind a ready ``ref``, or ``None`` after logging a fault."""
@@ -207,8 +277,18 @@ class RayExecutor:
 
     def _sync_gradients(self, theta_ref: ray.ObjectRef, step: int) -> list[WorkerResult]:
         timeout = self.cfg.worker_timeout or None
-        give_up = time.monotonic() + max(self.cfg.worker_timeout, 60.0)
+        window = max(self.cfg.worker_timeout, 60.0)
+        give_up = time.monotonic() + window
         while True:
+            self.poll_down(step)
+            if not self.live:  # every worker down: wait for the first to come back
+                if time.monotonic() > give_up:
+                    raise RuntimeError(
+                        f"step {step}: no Ray worker returned a gradient for {window:g} s; check "
+                        "the cluster (`ray status`) and continue with --resume RUN_DIR"
+                    )
+                self.poll_down(step, wait_s=RETRY_PAUSE_S)
+                continue
             refs = {self.actors[i].compute.remote(theta_ref, step): i for i in self.live}
             t0 = time.monotonic()
             ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
@@ -218,14 +298,7 @@ class RayExecutor:
             results = [got[i] for i in sorted(got) if got[i] is not None]  # worker-id order
             if results:
                 return results
-            if time.monotonic() > give_up:
-                raise RuntimeError(
-                    f"step {step}: no Ray worker returned a gradient for "
-                    f"{max(self.cfg.worker_timeout, 60.0):g} s; check the cluster (`ray status`) "
-                    "and continue with --resume RUN_DIR"
-                )
-            log.warning("step %d: every worker failed; retrying once they restart", step)
-            time.sleep(RETRY_PAUSE_S)
+            log.warning("step %d: every live worker failed; retrying once one is back", step)
 
     def step_metrics(self) -> dict[str, float]:
         """Executor health for the last step, merged into the trainer's metrics."""
