@@ -1,4 +1,5 @@
-"""Meta-training of small_fc_lopt with ES, truncated ES and PES over vectorised unrolls."""
+"""Meta-training of learned optimizers (any registered architecture) with ES, truncated ES
+and PES over vectorised unrolls."""
 
 import lopt  # noqa: F401  (first: it keeps `tasks`/`zoo` folders in the cwd from shadowing ours)
 

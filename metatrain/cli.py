@@ -1,4 +1,4 @@
-"""``python -m metatrain``: meta-train small_fc_lopt from the command line."""
+"""``python -m metatrain``: meta-train a learned optimizer from the command line."""
 
 from __future__ import annotations
 

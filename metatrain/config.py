@@ -22,6 +22,13 @@ EXECUTORS = ("auto", "serial", "ray")
 RAY_MODES = ("sync", "async")
 
 
+def lopt_architecture(config: Any):
+    """The registry record of a learned-optimizer config (``lopt.architecture_of``)."""
+    import lopt
+
+    return lopt.architecture_of(config)
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
@@ -43,9 +50,15 @@ class MetaTrainConfig:
         "KEY applies to every family and FAMILY.KEY to one; reparam_scale=[LO,HI] adds the "
         "weight-rescaling augmentation",
     )
-    lopt: str = _f("original", "small_fc_lopt preset: original (h=4) or mulo (h=32)")
+    lopt: str = _f(
+        "small_fc_lopt",
+        "learned-optimizer architecture to meta-train (its default preset), ARCH:PRESET, or a "
+        "preset name that one architecture has (e.g. original, mulo)",
+    )
     lopt_option: dict[str, Any] = _f(
-        {}, "override a field of the lopt preset, KEY=VALUE (repeatable), e.g. step_mult=0.01"
+        {},
+        "override a field of the optimizer's config, KEY=VALUE (repeatable), e.g. "
+        "step_mult=0.01",
     )
     init_from: str | None = _f(
         None,
@@ -189,11 +202,19 @@ class MetaTrainConfig:
                 validate_name(self.publish)  # before training, not after it
             except ValueError as err:
                 raise ValueError(f"--publish: {err}") from None
-        self.lopt_config()
+        try:
+            arch = lopt_architecture(self.lopt_config())
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"--lopt {self.lopt} / --lopt-option: {err}") from None
         if self.lopt_backend not in LOPT_BACKENDS:
             raise ValueError(
                 f"--lopt-backend must be one of {', '.join(LOPT_BACKENDS)}, "
                 f"got {self.lopt_backend!r}"
+            )
+        if self.lopt_backend == "cpp" and arch.lanes_update is None:
+            raise ValueError(
+                f"--lopt-backend cpp: {arch.name} has no fused lane kernel; use --lopt-backend "
+                "torch (or auto)"
             )
         self._validate_execution()
         return self
@@ -253,13 +274,10 @@ class MetaTrainConfig:
             )
 
     def lopt_config(self):
-        """The learned optimizer's architecture: the preset with ``lopt_option`` applied."""
+        """The learned optimizer's config: ``--lopt``'s preset with ``lopt_option`` applied."""
         import lopt
 
-        base = lopt.preset(self.lopt)
-        if not self.lopt_option:
-            return base
-        return lopt.SmallFCConfig.from_dict({**base.to_dict(), **self.lopt_option})
+        return lopt.resolve_config(self.lopt, self.lopt_option)
 
     def _validate_execution(self) -> None:
         if self.executor not in EXECUTORS:
@@ -294,8 +312,14 @@ class MetaTrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MetaTrainConfig:
+        """The config of ``data``; unknown keys are refused (a typo must not be dropped)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown meta-training config keys {unknown}; valid keys: {sorted(names)}"
+            )
+        return cls(**data)
 
 
 QUICK: dict[str, Any] = {
@@ -370,7 +394,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m metatrain",
-        description="Meta-train small_fc_lopt with ES / truncated ES / PES.",
+        description="Meta-train a learned optimizer with ES / truncated ES / PES.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
@@ -399,8 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(
                 flag, type=kind, choices=f.metadata.get("choices"), help=help_text, default=None
             )
+    import lopt
+
     defaults = MetaTrainConfig()
     for action in parser._actions:
+        if action.dest == "lopt":
+            action.help += f"; registered architectures: {', '.join(lopt.architecture_names())}"
         if action.dest in defaults.__dataclass_fields__ and action.help:
             action.help += f" (default: {getattr(defaults, action.dest)!r})"
             action.default = None

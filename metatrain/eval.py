@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=d.learned_lr,
         metavar="X",
-        help="multiplier of the learned step, as SmallFCLOpt(lr=X) (default: %(default)s)",
+        help="multiplier of the learned step, as the optimizer's lr=X (default: %(default)s)",
     )
     add(
         "--eval-every",

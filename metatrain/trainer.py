@@ -6,7 +6,7 @@ Run directory layout::
     RUN_DIR/metrics.jsonl        one line of metrics per outer step
     RUN_DIR/tb/                  TensorBoard scalars
     RUN_DIR/checkpoints/         ckpt-<step>.pt (atomic) and a ``latest`` pointer
-    RUN_DIR/theta.safetensors    final θ (with its small_fc_lopt config in the metadata)
+    RUN_DIR/theta.safetensors    final θ (its architecture and config in the metadata)
     RUN_DIR/summary.json         final metrics and wall time
 """
 
@@ -57,7 +57,7 @@ RESUMABLE_CHANGES = {
 class RunResult:
     run_dir: Path
     theta: dict[str, torch.Tensor]
-    lopt_config: lopt.SmallFCConfig
+    lopt_config: Any  # the config of the meta-trained architecture (lopt.architecture_of)
     meta_losses: list[float]
     wall_time: float
 
@@ -183,7 +183,7 @@ def train(
     command: str | None = None,
     executor: Executor | None = None,
 ) -> RunResult:
-    """Meta-train small_fc_lopt per ``cfg``; returns the final θ and the meta-loss history."""
+    """Meta-train ``cfg.lopt`` per ``cfg``; returns the final θ and the meta-loss history."""
     cfg.validate()
     init = None
     if cfg.init_from and not resume:  # a bad reference fails before the run dir is made
@@ -202,10 +202,11 @@ def train(
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     lopt_cfg = cfg.lopt_config()
+    arch = lopt.architecture_of(lopt_cfg)
     if init is not None:
         theta0 = init.theta
     else:
-        theta0 = lopt.init_theta(lopt_cfg, torch.Generator().manual_seed(derive_seed(cfg.seed, 3)))
+        theta0 = arch.init_theta(lopt_cfg, torch.Generator().manual_seed(derive_seed(cfg.seed, 3)))
     learner = OuterLearner(
         lopt.flatten_theta(theta0, lopt_cfg), cfg.outer_lr, cfg.grad_clip, cfg.outer_weight_decay
     )
@@ -225,7 +226,7 @@ def train(
             metrics_path.write_text("")
         record = {
             "metatrain": cfg.to_dict(),
-            "lopt": lopt_cfg.to_dict(),
+            "lopt": {"architecture": arch.name, **lopt_cfg.to_dict()},
             "command": command,
             "task_configs": getattr(executor, "task_configs", lambda: [])(),
         }

@@ -2,7 +2,7 @@
 
 Lanes ``0..N-1`` run θ+ε_i and lanes ``N..2N-1`` run θ−ε_i. All lanes advance one *slot* per
 batched call: ``torch.func.vmap`` over (θ lane, params, optimizer state, batch, task config) of
-"inner gradient + small_fc_lopt update". Lanes reset independently, selected by a host-side mask
+"inner gradient + learned-optimizer update". Lanes reset independently, selected by a host-side mask
 (never by Python branches on lane values), and lanes ``i`` and ``i+N`` always share their batch,
 their reset draws (task config and init) and their counters: the pair differs only in ±ε.
 """
@@ -15,7 +15,6 @@ from typing import Any, Protocol
 import torch
 
 import lopt
-from lopt.config import SmallFCConfig
 
 from .schedules import NeverEnding, Schedule
 
@@ -39,7 +38,7 @@ class LaneProblem(Protocol):
     """The inner problem the unroll advances: fresh lane states and one vectorised slot.
 
     Lane states are trees of tensors stacked over lanes. :class:`TaskLanes` is the real one
-    (a task trained by small_fc_lopt); the statistical tests plug in analytic problems.
+    (a task trained by a learned optimizer); the statistical tests plug in analytic problems.
     """
 
     def fresh(self, n: int, generator: torch.Generator) -> TensorTree: ...
@@ -86,14 +85,16 @@ def _pairs_to_lanes(tree: TensorTree) -> TensorTree:
 
 
 class TaskLanes:
-    """Lanes of one task (one static config) trained by small_fc_lopt with per-lane θ.
+    """Lanes of one task (one static config) trained by a learned optimizer with per-lane θ.
 
     A lane state is ``{"params", "opt_state", "task_cfg"}``. With ``lopt_backend="torch"`` (the
     reference) one slot is a single ``torch.func.vmap`` over (θ lane, params, optimizer state,
-    batch, task config) of the inner gradient and the small_fc_lopt update. ``"cpp"`` vmaps the
-    inner gradient only and applies the update with the fused CPU kernel per lane
-    (:func:`lopt.kernels.lanes.update_lanes`, parity-tested against the vmapped core): the same
-    math, several times faster on real tasks. ``"auto"`` picks ``"cpp"`` when the kernel loads.
+    batch, task config) of the inner gradient and the architecture's ``update``. ``"cpp"`` vmaps
+    the inner gradient only and applies the update with the architecture's fused lane kernel
+    (``lopt.Architecture.lanes_update``; small_fc_lopt's is :func:`lopt.kernels.lanes.
+    update_lanes`, parity-tested against the vmapped core): the same math, several times faster
+    on real tasks. ``"auto"`` picks ``"cpp"`` when the architecture has a lane kernel and it
+    loads.
     No autograd graph survives a slot.
     """
 
@@ -102,7 +103,7 @@ class TaskLanes:
         task: Any,
         family: Any,
         static: Any,
-        lopt_config: SmallFCConfig,
+        lopt_config: Any,
         num_streams: int,
         stream_seed: int,
         split: str = "train",
@@ -114,13 +115,19 @@ class TaskLanes:
             )
         self.task, self.family, self.static = task, family, static
         self.lopt_config = lopt_config
+        self.arch = lopt.architecture_of(lopt_config)
         self.stream = task.batches(split, num_streams, stream_seed)
         self._step_all = torch.func.vmap(self._lane_train, randomness="error")
         self._grads_all = torch.func.vmap(torch.func.grad_and_value(task.loss), randomness="error")
+        if lopt_backend == "cpp" and self.arch.lanes_update is None:
+            raise ValueError(
+                f"lopt backend 'cpp': {self.arch.name} has no fused lane kernel; use 'torch'"
+            )
         if lopt_backend == "auto":
             from lopt.kernels import cpp_is_available
 
-            lopt_backend = "cpp" if cpp_is_available() else "torch"
+            fused = self.arch.lanes_update is not None and cpp_is_available()
+            lopt_backend = "cpp" if fused else "torch"
         self.lopt_backend = lopt_backend
 
     def fresh(self, n: int, generator: torch.Generator) -> TensorTree:
@@ -131,7 +138,7 @@ class TaskLanes:
             params.append(self.task.init(generator, lane_cfg))
         stacked = _stack(params)
         one = {k: v[0] for k, v in stacked.items()}
-        zeros = lopt.init_state(one, self.lopt_config)
+        zeros = self.arch.init_state(one, self.lopt_config)
         opt_state = _map(lambda x: x.unsqueeze(0).expand(n, *x.shape).clone(), zeros)
         return {
             "params": stacked,
@@ -145,16 +152,16 @@ class TaskLanes:
     def _lane_train(self, theta_flat, params, opt_state, batch, task_cfg):
         theta = lopt.unflatten_theta(theta_flat, self.lopt_config)
         grads, loss = torch.func.grad_and_value(self.task.loss)(params, batch, task_cfg)
-        new_params, new_state = lopt.update(theta, opt_state, params, grads, self.lopt_config)
+        new_params, new_state = self.arch.update(
+            theta, opt_state, params, grads, self.lopt_config, loss=loss.detach()
+        )
         return new_params, new_state, loss
 
     def step(self, theta_lanes: torch.Tensor, state: TensorTree, batch: TensorTree):
         if self.lopt_backend == "cpp":
             # vmap for the inner gradients; the fused op, lane by lane, for the lopt update.
-            from lopt.kernels.lanes import update_lanes
-
             grads, loss = self._grads_all(state["params"], batch, state["task_cfg"])
-            params, opt_state = update_lanes(
+            params, opt_state = self.arch.lanes_update(
                 theta_lanes, state["opt_state"], state["params"], grads, self.lopt_config
             )
         else:

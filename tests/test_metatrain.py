@@ -372,6 +372,26 @@ def test_lopt_option_overrides_the_preset(tmp_path):
         tiny_config(tmp_path, lopt_option={"stepmult": 0.01}).validate()
 
 
+def test_lopt_names_an_architecture_or_a_preset(tmp_path):
+    assert tiny_config(tmp_path, lopt="small_fc_lopt").lopt_config() == lopt.ORIGINAL
+    assert tiny_config(tmp_path, lopt="small_fc_lopt:mulo").lopt_config() == lopt.MULO
+    assert tiny_config(tmp_path, lopt="mulo").lopt_config() == lopt.MULO
+    with pytest.raises(ValueError, match=r"--lopt adam / --lopt-option: unknown learned optimizer "
+                       r"'adam': not an architecture \(small_fc_lopt"):  # fmt: skip
+        tiny_config(tmp_path, lopt="adam").validate()
+
+
+def test_config_from_dict_refuses_unknown_keys_and_lists_valid_ones():
+    from metatrain.config import MetaTrainConfig
+
+    data = {**MetaTrainConfig().to_dict(), "outer_lr": 0.1, "outerlr": 0.2}
+    with pytest.raises(ValueError, match=r"unknown meta-training config keys \['outerlr'\]; "
+                       r"valid keys: \[.*'outer_lr'"):  # fmt: skip
+        MetaTrainConfig.from_dict(data)
+    del data["outerlr"]
+    assert MetaTrainConfig.from_dict(data).outer_lr == 0.1
+
+
 def test_max_time_stops_with_a_checkpoint_and_final_weights(tmp_path):
     cfg = tiny_config(tmp_path, outer_steps=10_000, checkpoint_every=0, max_time=1.0)
     result = train(cfg)

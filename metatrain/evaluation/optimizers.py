@@ -5,8 +5,8 @@ a task. Looping ``torch.optim`` over 8 optimizers × 3 seeds would pay Python an
 overhead 24 times per step; instead parameters are stacked ``[n, S, ...]`` (``n`` optimizer
 instances, ``S`` seeds) and each optimizer updates its whole block at once. :class:`AdamGrid`
 reproduces ``torch.optim.Adam`` (tested against it); :class:`LearnedOptimizer` runs the
-small_fc_lopt functional core under ``torch.func.vmap`` so its per-tensor feature normalisation
-stays per seed.
+architecture's functional ``update`` under ``torch.func.vmap`` so per-tensor statistics (e.g.
+small_fc_lopt's feature normalisation) stay per seed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 import lopt
-from lopt.config import SmallFCConfig
 
 from .config import ADAM_BETAS, ADAM_EPS
 
@@ -96,19 +95,28 @@ class AdamGrid:
 
 
 class LearnedOptimizer:
-    """small_fc_lopt with fixed meta-weights θ (one instance), via :func:`lopt.update`.
+    """A learned optimizer with fixed meta-weights θ (one instance), via its architecture's
+    functional ``update`` (any registered architecture).
 
-    ``lr`` multiplies the learned step exactly as ``SmallFCLOpt(lr=...)`` does.
+    ``lr`` multiplies the learned step exactly as the ``torch.optim`` shell's ``lr=`` does.
+    ``num_steps`` (the evaluation's planned steps) reaches architectures that use it.
     """
 
     name = "learned"
     size = 1
 
     def __init__(
-        self, theta: Mapping[str, Tensor], config: SmallFCConfig, lr: float = 1.0, label: str = ""
+        self,
+        theta: Mapping[str, Tensor],
+        config: Any,
+        lr: float = 1.0,
+        label: str = "",
+        num_steps: int | None = None,
     ) -> None:
         self.theta = dict(theta)
         self.config = config
+        self.arch = lopt.architecture_of(config)
+        self.num_steps = num_steps
         self.lr = float(lr)
         self.label = label or "learned"
         self._step = torch.func.vmap(self._one, randomness="error")
@@ -117,11 +125,13 @@ class LearnedOptimizer:
         return [self.label]
 
     def _one(self, params: Params, grads: Params, state: dict) -> tuple[Params, dict]:
-        return lopt.update(self.theta, state, params, grads, self.config, lr=self.lr)
+        return self.arch.update(
+            self.theta, state, params, grads, self.config, lr=self.lr, num_steps=self.num_steps
+        )
 
     def init(self, params: Mapping[str, Tensor]) -> dict:
         flat = {k: v.flatten(0, 1) for k, v in params.items()}  # [1·S, ...]
-        one = lopt.init_state({k: v[0] for k, v in flat.items()}, self.config)
+        one = self.arch.init_state({k: v[0] for k, v in flat.items()}, self.config)
         n = next(iter(flat.values())).shape[0]
         return _map(lambda x: x.unsqueeze(0).expand(n, *x.shape).clone(), one)
 

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 import lopt
-from lopt.config import SmallFCConfig
 
 __all__ = ["LearnedSource", "resolve_optimizer"]
 
@@ -36,7 +35,7 @@ class LearnedSource:
     kind: str
     resolved: str
     theta: dict[str, torch.Tensor] = field(repr=False)
-    config: SmallFCConfig
+    config: Any  # the architecture config θ was trained with
     sha256: str
     metatrain: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict, repr=False)
