@@ -267,48 +267,63 @@ def mix_banks(
 
 # -- per-element features and step --------------------------------------------------------------
 class Accumulated(NamedTuple):
+    """The accumulator pass of one tensor: new state, the clipped gradient and, for rank ≥ 2, the
+    Adafactor row/column factors (what the per-element features read)."""
+
     state: TensorState  # new m, v and r/c or vd
-    features: torch.Tensor  # S + (30,), raw (not normalised)
+    grad: torch.Tensor  # clipped to ±1000, shape S
+    row_factor: torch.Tensor | None
+    col_factor: torch.Tensor | None
 
 
-def accumulate(
+def update_accumulators(
     param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, torch.Tensor], cfg: VeLOConfig
 ) -> Accumulated:
-    """Update the accumulators with the clipped ``grad`` and build the 30 raw features.
+    """Momenta, rms and Adafactor statistics updated with the clipped ``grad`` (rank ≥ 1).
 
-    The accumulators and 28 channels are small_fc_lopt's (:func:`lopt.core.element_features`);
-    VeLO inserts ``clip(g, ±0.1)`` as channel 1 and ``g·rsqrt(v + 1e-6)`` as channel 14, and for
-    rank ≤ 1 uses ``m·vd^(−1/2)`` without an epsilon in channels 27–29.
+    These are small_fc_lopt's accumulators (:mod:`lopt.core`), with VeLO's fixed decays.
     """
-    like = param
     bm, bv, bf = (
-        torch.tensor(d, dtype=like.dtype, device=like.device)
+        torch.tensor(d, dtype=param.dtype, device=param.device)
         for d in (cfg.momentum_decays, cfg.rms_decays, cfg.adafactor_decays)
     )
-    g3 = grad.clamp(-GRAD_CLIP, GRAD_CLIP).unsqueeze(-1)
+    g = grad.clamp(-GRAD_CLIP, GRAD_CLIP)
+    g3 = g.unsqueeze(-1)
     m, v = sfc.moments(g3, state["m"], state["v"], bm, bv)
     gs = sfc.squared_grad(g3)
     fd = factored_dims(param.shape, cfg.tie_break)
-    if fd is not None:
-        d1, d0 = fd
-        r = sfc.ema(bf, state["r"], gs.mean(d0))
-        c = sfc.ema(bf, state["c"], gs.mean(d1))
-        row_factor, col_factor = sfc.row_col_factors(r, c, d1, d0)
-        inputs = sfc.factored_inputs(r, c, row_factor, col_factor, d1, d0, (*param.shape, 3))
-        new_state = {"m": m, "v": v, "r": r, "c": c}
-    else:
+    if fd is None:
         vd = sfc.ema(bf, state["vd"], gs)
-        inputs = sfc.unfactored_inputs(vd)._replace(m_mult=vd.rsqrt())
-        new_state = {"m": m, "v": v, "vd": vd}
-    base = sfc.element_features(g3, param.unsqueeze(-1), m, v, inputs)
+        return Accumulated({"m": m, "v": v, "vd": vd}, g, None, None)
+    d1, d0 = fd
+    r = sfc.ema(bf, state["r"], gs.mean(d0))
+    c = sfc.ema(bf, state["c"], gs.mean(d1))
+    row_factor, col_factor = sfc.row_col_factors(r, c, d1, d0)
+    return Accumulated({"m": m, "v": v, "r": r, "c": c}, g, row_factor, col_factor)
+
+
+def element_features(
+    param: torch.Tensor, acc: Accumulated, fd: tuple[int, int] | None
+) -> torch.Tensor:
+    """The 30 raw per-element features, S+(30,), from the updated accumulators.
+
+    28 channels are small_fc_lopt's (:func:`lopt.core.element_features`); VeLO inserts
+    ``clip(g, ±0.1)`` as channel 1 and ``g·rsqrt(v + 1e-6)`` as channel 14, and for rank ≤ 1
+    uses ``m·vd^(−1/2)`` without an epsilon in channels 27–29.
+    """
+    st = acc.state
+    if fd is None:
+        inputs = sfc.unfactored_inputs(st["vd"])._replace(m_mult=st["vd"].rsqrt())
+    else:
+        d1, d0 = fd
+        full = (*param.shape, 3)
+        inputs = sfc.factored_inputs(st["r"], st["c"], acc.row_factor, acc.col_factor, d1, d0, full)
+    g3 = acc.grad.unsqueeze(-1)
+    base = sfc.element_features(g3, param.unsqueeze(-1), st["m"], st["v"], inputs)
     # base channels: 0 g | 1 p | 2-4 m | 5 v | 6-8 m·rv | 9 rv | 10-12 fac_g | 13-27 row/col/...
     g_rv = base[..., 0:1] * base[..., 9:10]
-    features = torch.cat(
-        [base[..., :1], g3.clamp(-GRAD_FEATURE_CLIP, GRAD_FEATURE_CLIP), base[..., 1:13], g_rv]
-        + [base[..., 13:]],
-        dim=-1,
-    )
-    return Accumulated(new_state, features)
+    clipped = g3.clamp(-GRAD_FEATURE_CLIP, GRAD_FEATURE_CLIP)
+    return torch.cat([base[..., :1], clipped, base[..., 1:13], g_rv, base[..., 13:]], dim=-1)
 
 
 def element_mlp(
@@ -327,12 +342,16 @@ def element_mlp(
 
 
 def step_from_outputs(
-    outputs: torch.Tensor, lr_mult: torch.Tensor, param: torch.Tensor, cfg: VeLOConfig
+    outputs: torch.Tensor,
+    lr_mult: torch.Tensor | float,
+    param: torch.Tensor,
+    step_mult: float,
+    exp_mult: float,
 ) -> torch.Tensor:
     """``lr_mult · rms(p) · d · exp(exp_mult · m) · step_mult``, with ``rms(p)`` before the step."""
     param_scale = torch.sqrt(param.square().mean() + _EPS_PARAM_RMS)
     direction, magnitude = outputs[..., 0], outputs[..., 1]
-    return lr_mult * param_scale * direction * torch.exp(cfg.exp_mult * magnitude) * cfg.step_mult
+    return lr_mult * param_scale * direction * torch.exp(exp_mult * magnitude) * step_mult
 
 
 def tensor_step(
@@ -348,11 +367,90 @@ def tensor_step(
     Returns ``(step, new accumulators)`` with ``p_new = p − step``. The per-channel feature
     normaliser is folded into the first layer's rows (exact up to rounding).
     """
-    acc = accumulate(param, grad, state, cfg)
+    acc = update_accumulators(param, grad, state, cfg)
+    features = element_features(param, acc, factored_dims(param.shape, cfg.tie_break))
+    return mlp_step(param, features, layers, lr_mult, cfg.step_mult, cfg.exp_mult), acc.state
+
+
+def mlp_step(
+    param: torch.Tensor,
+    features: torch.Tensor,
+    layers: list[tuple[torch.Tensor, torch.Tensor]],
+    lr_mult: torch.Tensor | float,
+    step_mult: float,
+    exp_mult: float,
+) -> torch.Tensor:
+    """Normalise ``features`` per channel (folded into the first layer), run the MLP, scale."""
     (w0, b0), rest = layers[0], layers[1:]
-    w0 = w0 * sfc.feature_scale(acc.features).unsqueeze(-1)
-    outputs = element_mlp(acc.features, [(w0, b0), *rest])
-    return step_from_outputs(outputs, lr_mult, param, cfg), acc.state
+    w0 = w0 * sfc.feature_scale(features).unsqueeze(-1)
+    outputs = element_mlp(features, [(w0, b0), *rest])
+    return step_from_outputs(outputs, lr_mult, param, step_mult, exp_mult)
+
+
+class Plan(NamedTuple):
+    """The per-tensor half of a step: which tensors step, their MLPs and step scales.
+
+    ``layers[l]`` is ``(W (T, in, out), b (T, out))`` for MLP layer l, row i belonging to
+    ``active[i]``; ``h``/``c`` are the new LSTM rows; ``state`` the new ``t`` and loss buffer.
+    """
+
+    active: list[str]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    lr_mult: torch.Tensor
+    h: torch.Tensor
+    c: torch.Tensor
+    state: dict
+
+
+def plan_steps(
+    theta: Mapping[str, torch.Tensor],
+    state: Mapping,
+    params: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor | None],
+    cfg: VeLOConfig,
+    *,
+    loss: torch.Tensor | float | None,
+    num_steps: int | None,
+) -> Plan:
+    """Loss buffer, LSTM and hypernetwork for every tensor with a gradient (see compute_steps)."""
+    num_steps = check_num_steps(num_steps)
+    if loss is None:
+        raise MissingInputError(
+            "VeLO needs the current training loss every step (its LSTM is fed loss features): "
+            "pass loss=<0-d tensor or float> to update(), or call optimizer.step(closure) / "
+            "optimizer.step(loss=loss)."
+        )
+    t = state["t"]
+    loss = torch.as_tensor(loss, dtype=t.dtype, device=t.device).reshape(())
+    loss_state, loss_feats = update_loss_state(state["loss"], loss, loss_decays(num_steps, t))
+    new_global = {"t": t + 1, "loss": loss_state}
+    active = [name for name in params if grads.get(name) is not None]
+    if not active:
+        return Plan([], [], t.new_zeros(0), t.new_zeros(0), t.new_zeros(0), new_global)
+    progress = progress_features(t, num_steps, loss_feats)
+    rows, h_rows, c_rows = [], [], []
+    for name in active:
+        ts = state["tensors"][name]
+        p = params[name].reshape(_shape(params[name]))
+        rows.append(tensor_inputs(p, ts["m"], ts["v"], progress, loss_feats))
+        fresh = ts["updates"] == 0
+        h_rows.append(torch.where(fresh, theta["lstm_init_h"], ts["lstm_h"]))
+        c_rows.append(torch.where(fresh, theta["lstm_init_c"], ts["lstm_c"]))
+    ctl = lstm_controls(theta, torch.stack(rows), torch.stack(h_rows), torch.stack(c_rows))
+    layers = mix_banks(theta, ctl.mixture, cfg)
+    return Plan(active, layers, ctl.lr_mult, ctl.h, ctl.c, new_global)
+
+
+def advance_tensor_state(
+    plan: Plan, i: int, old: Mapping[str, torch.Tensor], accumulators: TensorState
+) -> TensorState:
+    """Tensor ``plan.active[i]``'s new state: accumulators, LSTM row and update count."""
+    return {
+        **accumulators,
+        "lstm_h": plan.h[i],
+        "lstm_c": plan.c[i],
+        "updates": old["updates"] + 1,
+    }
 
 
 def compute_steps(
@@ -370,49 +468,18 @@ def compute_steps(
     Tensors whose gradient is ``None`` or absent are skipped: no step, state unchanged, and they
     take no part in the LSTM's max-pool. The loss buffer and ``t`` advance once per call.
     """
-    num_steps = check_num_steps(num_steps)
-    if loss is None:
-        raise MissingInputError(
-            "VeLO needs the current training loss every step (its LSTM is fed loss features): "
-            "pass loss=<0-d tensor or float> to update(), or call optimizer.step(closure) / "
-            "optimizer.step(loss=loss)."
-        )
-    t = state["t"]
-    loss = torch.as_tensor(loss, dtype=t.dtype, device=t.device).reshape(())
-    loss_state, loss_feats = update_loss_state(state["loss"], loss, loss_decays(num_steps, t))
-    active = [name for name in params if grads.get(name) is not None]
+    plan = plan_steps(theta, state, params, grads, cfg, loss=loss, num_steps=num_steps)
     new_tensors = dict(state["tensors"])
-    if not active:
-        return {}, {"t": t + 1, "tensors": new_tensors, "loss": loss_state}
-    progress = progress_features(t, num_steps, loss_feats)
-    shaped = {}
-    rows, h_rows, c_rows = [], [], []
-    for name in active:
-        p, g = params[name], grads[name]
-        shape = _shape(p)
-        p, g = p.reshape(shape), g.reshape(shape)
-        shaped[name] = (p, g)
-        ts = state["tensors"][name]
-        rows.append(tensor_inputs(p, ts["m"], ts["v"], progress, loss_feats))
-        fresh = ts["updates"] == 0
-        h_rows.append(torch.where(fresh, theta["lstm_init_h"], ts["lstm_h"]))
-        c_rows.append(torch.where(fresh, theta["lstm_init_c"], ts["lstm_c"]))
-    ctl = lstm_controls(theta, torch.stack(rows), torch.stack(h_rows), torch.stack(c_rows))
-    layers = mix_banks(theta, ctl.mixture, cfg)
     steps: dict[str, torch.Tensor] = {}
-    for i, name in enumerate(active):
-        p, g = shaped[name]
+    for i, name in enumerate(plan.active):
+        shape = _shape(params[name])
+        p, g = params[name].reshape(shape), grads[name].reshape(shape)
         ts = state["tensors"][name]
-        mine = [(w[i], b[i]) for w, b in layers]
-        step, acc_state = tensor_step(p, g, ts, mine, ctl.lr_mult[i], cfg)
+        mine = [(w[i], b[i]) for w, b in plan.layers]
+        step, accumulators = tensor_step(p, g, ts, mine, plan.lr_mult[i], cfg)
         steps[name] = step.reshape(params[name].shape)
-        new_tensors[name] = {
-            **acc_state,
-            "lstm_h": ctl.h[i],
-            "lstm_c": ctl.c[i],
-            "updates": ts["updates"] + 1,
-        }
-    return steps, {"t": t + 1, "tensors": new_tensors, "loss": loss_state}
+        new_tensors[name] = advance_tensor_state(plan, i, ts, accumulators)
+    return steps, {**plan.state, "tensors": new_tensors}
 
 
 def update(

@@ -9,7 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..optimizer import _check_hyper
-from . import core
+from . import core, kernels
 from .config import VELO, VeLOConfig
 from .theta import Theta, validate_theta
 
@@ -34,6 +34,10 @@ class VeLO(Optimizer):
             1e-3, which makes every step 1000× smaller than the original's).
         weight_decay: decoupled weight decay, ``p·(1 − lr·wd)`` (default 0).
         maximize: maximise the objective (the loss fed to VeLO is negated to match).
+        backend: ``"auto"`` (default: the compiled kernel of each parameter's device when it is
+            available, else the pure-torch path with a one-time warning), ``"torch"`` (the pure
+            functional core), ``"cpp"`` or ``"cuda"`` (the compiled per-element kernel,
+            :mod:`lopt.velo.kernels`). Not part of the state.
 
     ``step(closure)`` takes the loss from the closure; ``step(loss=loss)`` takes it directly.
     Parameters whose ``.grad`` is None are skipped (they take no part in the LSTM's max-pool).
@@ -49,8 +53,10 @@ class VeLO(Optimizer):
         lr: float = 1.0,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        backend: str = "auto",
     ) -> None:
         self.num_steps: int = core.check_num_steps(num_steps)
+        self.backend: str = kernels.check_backend(backend)
         lr = _check_hyper("lr", lr)
         weight_decay = _check_hyper("weight_decay", weight_decay)
         if weights is None:
@@ -124,25 +130,52 @@ class VeLO(Optimizer):
         maximize = work[0][2]["maximize"]
         glob = self._global_state(device)
         state_in = {**glob, "tensors": tensor_states}
-        steps, new_state = core.compute_steps(
-            self._theta_on(device),
-            state_in,
-            params,
-            grads,
-            self.config,
-            loss=-loss_t if maximize else loss_t,
-            num_steps=self.num_steps,
-        )
-        for i, (p, _, group, state) in enumerate(work):
-            lr, wd = group["lr"], group["weight_decay"]
-            new = params[i] * (1 - lr * wd) - lr * steps[i] if wd else params[i] - lr * steps[i]
-            p.copy_(new)
-            state.update(new_state["tensors"][i])
+        loss_in = -loss_t if maximize else loss_t
+        theta = self._theta_on(device)
+        if self.backend == "torch":
+            steps, new_state = core.compute_steps(
+                theta, state_in, params, grads, self.config, loss=loss_in,
+                num_steps=self.num_steps,
+            )  # fmt: skip
+            for i, (p, _, group, state) in enumerate(work):
+                lr, wd = group["lr"], group["weight_decay"]
+                new = params[i] * (1 - lr * wd) - lr * steps[i] if wd else params[i] - lr * steps[i]
+                p.copy_(new)
+                state.update(new_state["tensors"][i])
+        else:
+            new_state = self._fused_step(work, theta, state_in, params, grads, loss_in)
         self.state[GLOBAL_STATE_KEY] = {
             "t": new_state["t"].cpu(),
             "loss": {k: v.cpu() for k, v in new_state["loss"].items()},
         }
         return closure_loss
+
+    def _fused_step(self, work, theta, state_in, params, grads, loss) -> dict:
+        """LSTM and hypernetwork in torch, then the per-element kernel on each tensor."""
+        cfg = self.config
+        plan = core.plan_steps(
+            theta, state_in, params, grads, cfg, loss=loss, num_steps=self.num_steps
+        )
+        step_fn = kernels.step_function(self.backend, work[0][0].device)
+        for i, (p, _, group, state) in enumerate(work):
+            shape = tuple(p.shape) or (1,)
+            # float32, contiguous and of rank >= 1; a float32 contiguous p is stepped in place
+            target = params[i].reshape(shape)
+            if not target.is_contiguous() or target.data_ptr() != p.data_ptr():
+                target = target.contiguous().clone()
+            acc = core.update_accumulators(target, grads[i].reshape(shape), state, cfg)
+            d1, d0 = core.factored_dims(shape, cfg.tie_break) or (-1, -1)
+            layers = [t[i].contiguous() for pair in plan.layers for t in pair]
+            step_fn(
+                target, acc.grad.contiguous(), acc.state["m"], acc.state["v"],
+                acc.state.get("r"), acc.state.get("c"), acc.row_factor, acc.col_factor,
+                acc.state.get("vd"), layers, d1, d0, float(plan.lr_mult[i]), group["lr"],
+                group["weight_decay"], cfg.step_mult, cfg.exp_mult,
+            )  # fmt: skip
+            if target.data_ptr() != p.data_ptr():
+                p.copy_(target.reshape(p.shape))
+            state.update(core.advance_tensor_state(plan, i, state, acc.state))
+        return plan.state
 
     def _collect(self) -> list[tuple[torch.Tensor, torch.Tensor, dict, dict]]:
         work = []

@@ -1,0 +1,169 @@
+// Per-element math of VeLO's fused step (docs/design/velo.md), shared by the CPU kernel
+// (velo_cpu.cpp) and the CUDA kernel (velo_cuda.cu): the 30 features of one element, from the
+// already-updated accumulators, in the channel order of the first MLP layer. Same formulas and
+// the same evaluation order as lopt/velo/core.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "small_fc_checks.h"  // Geometry, shape_str and the shared per-element helpers
+
+namespace lozoo::velo {
+
+constexpr int kFeatures = 30;
+constexpr int kOutputs = 3;
+constexpr int kMaxHidden = 16;        // the CUDA kernel keeps one hidden layer in registers
+constexpr float kGradClip = 1000.0f;  // before every accumulator and feature
+constexpr float kGradFeatureClip = 0.1f;
+constexpr float kEpsParamRms = 1e-9f;
+
+// One tensor's inputs; r/c/rf/cf are null below rank 2, vd is null from rank 2 on.
+struct View {
+  const float* p;
+  const float* g;
+  const float* m;
+  const float* v;
+  const float* r;
+  const float* c;
+  const float* rf;
+  const float* cf;
+  const float* vd;
+  Geometry geo;
+};
+
+// clamp that propagates NaN like torch.clamp
+LOZOO_HD float clampf(float x, float bound) {
+  return x > bound ? bound : (x < -bound ? -bound : x);
+}
+
+LOZOO_HD void features(const View& s, int64_t e, float* x, int64_t stride) {
+  const float g = clampf(s.g[e], kGradClip);
+  const float* m = s.m + 3 * e;
+  const float v = s.v[e];
+  const float rv = rsqrt_exact(v + kEpsRms);
+  x[0 * stride] = g;
+  x[1 * stride] = clampf(g, kGradFeatureClip);
+  x[2 * stride] = s.p[e];
+  x[6 * stride] = v;
+  x[10 * stride] = rv;
+  x[14 * stride] = g * rv;
+  if (s.geo.factored) {
+    int64_t ri, ci;
+    s.geo.row_col_index(e, ri, ci);
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const float row = s.r[3 * ri + k], col = s.c[3 * ci + k];
+      const float mult = s.rf[3 * ri + k] * s.cf[3 * ci + k];
+      x[(3 + k) * stride] = m[k];
+      x[(7 + k) * stride] = m[k] * rv;
+      x[(11 + k) * stride] = g * mult;
+      x[(15 + k) * stride] = row;
+      x[(18 + k) * stride] = col;
+      x[(21 + k) * stride] = stat_rsqrt(row);
+      x[(24 + k) * stride] = stat_rsqrt(col);
+      x[(27 + k) * stride] = m[k] * mult;
+    }
+  } else {
+    const float* vd = s.vd + 3 * e;
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const float rs = stat_rsqrt(vd[k]);
+      x[(3 + k) * stride] = m[k];
+      x[(7 + k) * stride] = m[k] * rv;
+      x[(11 + k) * stride] = g * safe_rsqrt(vd[k] + kEpsRsqrt);
+      x[(15 + k) * stride] = vd[k];
+      x[(18 + k) * stride] = vd[k];
+      x[(21 + k) * stride] = rs;
+      x[(24 + k) * stride] = rs;
+      x[(27 + k) * stride] = m[k] * rsqrt_exact(vd[k]);  // VeLO: no epsilon here
+    }
+  }
+}
+
+// step = lr_mult · rms(p) · d · exp(exp_mult · m) · step_mult, left to right like the torch core.
+LOZOO_HD float step(float lr_mult_scale, float d, float mag, float exp_mult, float step_mult) {
+  return lr_mult_scale * d * exp_vec(exp_mult * mag) * step_mult;
+}
+
+// -- host-side argument checks, shared by both bindings and mirrored by lopt/velo/kernels.py --
+constexpr const char* kSchema =
+    "velo_mlp_step_(Tensor(a!) param, Tensor grad, Tensor m, Tensor v, Tensor? r, Tensor? c, "
+    "Tensor? row_factor, Tensor? col_factor, Tensor? vd, Tensor[] layers, int d1, int d0, "
+    "float lr_mult, float lr, float weight_decay, float step_mult, float exp_mult) -> ()";
+
+#define VELO_CHECK(cond, ...) TORCH_CHECK(cond, "lozoo::velo_mlp_step_: ", __VA_ARGS__)
+
+inline void check_f32(const at::Tensor& t, const char* name, const std::vector<int64_t>& want,
+                      const at::Tensor& param) {
+  VELO_CHECK(t.device() == param.device() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+             name, " must be a contiguous float32 tensor on param's device, got ",
+             t.scalar_type(), " on ", t.device());
+  VELO_CHECK(t.sizes().vec() == want, name, " has shape ", shape_str(t.sizes()), ", expected ",
+             shape_str(want));
+}
+
+// Validates everything and returns the geometry; *hidden receives the MLP width.
+inline Geometry check_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m,
+                           const at::Tensor& v, const std::optional<at::Tensor>& r,
+                           const std::optional<at::Tensor>& c,
+                           const std::optional<at::Tensor>& rf,
+                           const std::optional<at::Tensor>& cf,
+                           const std::optional<at::Tensor>& vd, at::TensorList layers,
+                           int64_t d1, int64_t d0, int64_t* hidden) {
+  VELO_CHECK(param.scalar_type() == at::kFloat && param.is_contiguous(),
+             "param must be a contiguous float32 tensor (the optimizer steps a float32 copy of "
+             "low-precision parameters), got ", param.scalar_type());
+  std::vector<int64_t> shape = param.sizes().vec();
+  if (shape.empty()) shape = {1};
+  const int64_t rank = static_cast<int64_t>(shape.size());
+  auto with = [](std::vector<int64_t> s, int64_t last) {
+    s.push_back(last);
+    return s;
+  };
+  auto without = [&](int64_t axis) {
+    std::vector<int64_t> s;
+    for (int64_t i = 0; i < rank; ++i)
+      if (i != axis) s.push_back(shape[i]);
+    return with(s, 3);
+  };
+  check_f32(grad, "grad", param.sizes().vec(), param);
+  check_f32(m, "m", with(shape, 3), param);
+  check_f32(v, "v", with(shape, 1), param);
+  if (rank >= 2) {
+    VELO_CHECK(d0 >= 0 && d1 >= 0 && d0 < rank && d1 < rank && d0 != d1, "(d1, d0) = (", d1,
+               ", ", d0, ") are not two distinct axes of a rank-", rank, " param");
+    VELO_CHECK(r && c && rf && cf && !vd, "a rank-", rank,
+               " param needs r, c, row_factor and col_factor, and no vd");
+    check_f32(*r, "r", without(d0), param);
+    check_f32(*c, "c", without(d1), param);
+    check_f32(*rf, "row_factor", without(d0), param);
+    check_f32(*cf, "col_factor", without(d1), param);
+  } else {
+    VELO_CHECK(d0 == -1 && d1 == -1 && vd && !r && !c && !rf && !cf, "a rank-", param.dim(),
+               " param needs vd only, and d1 = d0 = -1");
+    check_f32(*vd, "vd", with(shape, 3), param);
+  }
+  const int64_t nl = static_cast<int64_t>(layers.size());
+  VELO_CHECK(nl >= 4 && nl % 2 == 0, "layers must be [w0, b0, ..., wL, bL] with at least two "
+             "weight matrices, got ", nl, " tensors");
+  const int64_t h = layers[0].dim() == 2 ? layers[0].size(1) : -1;
+  VELO_CHECK(h >= 1 && h <= kMaxHidden, "layers[0] (w0) must have shape (30, h) with "
+             "1 <= h <= ", kMaxHidden, ", got ", shape_str(layers[0].sizes()));
+  for (int64_t i = 0; i < nl; ++i) {
+    const int64_t k = i / 2;
+    const int64_t fan_in = k == 0 ? kFeatures : h;
+    const int64_t fan_out = 2 * k + 2 == nl ? kOutputs : h;
+    const std::vector<int64_t> want =
+        i % 2 == 0 ? std::vector<int64_t>{fan_in, fan_out} : std::vector<int64_t>{fan_out};
+    check_f32(layers[i], i % 2 ? "a bias of layers" : "a weight of layers", want, param);
+  }
+  *hidden = h;
+  return make_geometry(shape.data(), rank, rank >= 2 ? d1 : -1, rank >= 2 ? d0 : -1);
+}
+
+}  // namespace lozoo::velo
