@@ -38,7 +38,14 @@ from .small_fc import SMALL_FC_LOPT
 from .theta import init_theta
 from .weights import ResolvedWeights, load_theta, register_ref_resolver, save_theta
 
+# Architectures beyond small_fc_lopt register themselves on import (after the seam above).
+from .mulo import MuLO  # noqa: E402  isort: skip
+from .velo import VeLO, VeLOConfig  # noqa: E402  isort: skip
+
 __all__ = [
+    "MuLO",
+    "VeLO",
+    "VeLOConfig",
     "DEFAULT_ZOO_REF",
     "MULO",
     "ORIGINAL",

@@ -172,3 +172,20 @@ def test_bfloat16_params_keep_float32_state():
     assert model.mat.dtype == torch.bfloat16
     assert opt.state[model.mat]["m"].dtype == torch.float32
     assert opt.state[model.conv]["r"].shape == core.state_shapes((3, 3, 2, 2), CFG)["r"]
+
+
+def test_velo_is_registered_and_its_weights_files_round_trip(tmp_path):
+    import lopt
+
+    arch = lopt.get_architecture("velo")
+    assert arch.optimizer is velo.VeLO and arch.preset() == velo.VELO
+    assert lopt.resolve_config("velo:velo_pylo_ties").tie_break == "pylo"
+    path = lopt.save_theta(tmp_path / "velo.safetensors", theta(), CFG)
+    loaded, cfg = lopt.load_theta(path)
+    assert cfg == CFG and all(torch.equal(loaded[k], v) for k, v in theta().items())
+    model = Net()
+    opt = lopt.make_optimizer(model.parameters(), str(path), num_steps=5)
+    assert isinstance(opt, velo.VeLO) and opt.config == CFG
+    opt.step(closure_for(model, torch.randn(4, 3)))
+    record = opt.state_dict()["meta_weights"]
+    assert record["architecture"] == "velo" and record["source"].startswith("file:")

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 VeLOTieBreak = Literal["first", "pylo"]
 
@@ -40,6 +40,8 @@ class VeLOConfig:
     ``(out, in, ...)`` tensors, ``"pylo"`` reproduces PyLO's port exactly (it differs from the
     reference on 4-D tensors tied on their first two axes and on 3-way ties).
     """
+
+    architecture: ClassVar[str] = "velo"
 
     lstm_hidden_size: int = 512
     param_inits: int = 256

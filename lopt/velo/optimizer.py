@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
-from torch.optim import Optimizer
 
-from ..optimizer import _check_hyper
+from ..shell import LearnedOptimizer
+from ..weights import WeightsSpec
 from . import core, kernels
-from .config import VELO, VeLOConfig
-from .theta import Theta, validate_theta
+from .config import VeLOConfig
 
 GLOBAL_STATE_KEY = "velo"  # optimizer.state[...] entry for t and the loss buffer
 
 
-class VeLO(Optimizer):
+class VeLO(LearnedOptimizer):
     r"""VeLO (Metz et al. 2022, arXiv 2211.09760) with lozoo's conventions.
 
     Every step feeds the training loss and the fraction of ``num_steps`` done to a per-tensor
@@ -27,8 +26,10 @@ class VeLO(Optimizer):
 
     Args:
         params: iterable of tensors or of param-group dicts.
-        weights: meta-weights θ as a dict of tensors (see :meth:`VeLOConfig.theta_shapes`).
-        config: the :class:`VeLOConfig` θ belongs to (default: the published architecture).
+        weights: meta-weights θ: a zoo reference (``"velo/pylo"`` after ``python -m zoo
+            import-pylo``), a ``.safetensors`` file or a dict of tensors
+            (:meth:`VeLOConfig.theta_shapes`).
+        config: the :class:`VeLOConfig` of a θ dict (default: the published architecture).
         num_steps: the planned total number of steps (required: VeLO's inputs depend on it).
         lr: multiplier of the learned step. The default 1.0 is VeLO itself (PyLO defaults to
             1e-3, which makes every step 1000× smaller than the original's).
@@ -43,11 +44,13 @@ class VeLO(Optimizer):
     Parameters whose ``.grad`` is None are skipped (they take no part in the LSTM's max-pool).
     """
 
+    architecture: ClassVar[str] = "velo"
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        weights: Mapping[str, torch.Tensor] | None = None,
-        config: VeLOConfig | None = None,
+        weights: WeightsSpec = None,
+        config: VeLOConfig | str | None = None,
         *,
         num_steps: int | None = None,
         lr: float = 1.0,
@@ -55,33 +58,28 @@ class VeLO(Optimizer):
         maximize: bool = False,
         backend: str = "auto",
     ) -> None:
-        self.num_steps: int = core.check_num_steps(num_steps)
-        self.backend: str = kernels.check_backend(backend)
-        lr = _check_hyper("lr", lr)
-        weight_decay = _check_hyper("weight_decay", weight_decay)
+        num_steps = core.check_num_steps(num_steps)
         if weights is None:
             raise ValueError(
                 "VeLO needs meta-weights: import PyLO's checkpoint with 'python -m zoo "
-                "import-pylo VeLO_RNN_DIR VeLO_MLP_DIR --name velo/pylo' and pass the loaded "
-                "entry's theta, or pass a θ dict (lopt.velo.init_theta gives a random one)"
+                "import-pylo VeLO_RNN_DIR VeLO_MLP_DIR --name velo/pylo' and pass "
+                "weights='velo/pylo', or pass a θ dict (lopt.velo.init_theta gives a random one)"
             )
-        self.config: VeLOConfig = config or VELO
-        self._theta_cpu: Theta = validate_theta(weights, self.config)
-        self._theta_by_device: dict[torch.device, Theta] = {}
-        defaults = {"lr": lr, "weight_decay": weight_decay, "maximize": bool(maximize)}
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            _check_hyper("lr", group["lr"])
-            _check_hyper("weight_decay", group["weight_decay"])
+        super().__init__(
+            params,
+            weights,
+            config,
+            lr=lr,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            backend=backend,
+            num_steps=num_steps,
+        )
+        self.num_steps: int = num_steps
 
-    @property
-    def theta(self) -> Theta:
-        return self._theta_cpu
-
-    def _theta_on(self, device: torch.device) -> Theta:
-        if device not in self._theta_by_device:
-            self._theta_by_device[device] = {k: v.to(device) for k, v in self._theta_cpu.items()}
-        return self._theta_by_device[device]
+    @classmethod
+    def check_backend(cls, backend: str) -> str:
+        return kernels.check_backend(backend)
 
     def _global_state(self, device: torch.device) -> dict[str, Any]:
         if GLOBAL_STATE_KEY not in self.state:
@@ -114,7 +112,7 @@ class VeLO(Optimizer):
                 "VeLO needs the training loss every step: call optimizer.step(closure) with a "
                 "closure that returns the loss, or optimizer.step(loss=loss)"
             )
-        work = self._collect()
+        work = self._collect_all()
         if not work:
             return closure_loss
         device = work[0][0].device
@@ -142,6 +140,7 @@ class VeLO(Optimizer):
                 new = params[i] * (1 - lr * wd) - lr * steps[i] if wd else params[i] - lr * steps[i]
                 p.copy_(new)
                 state.update(new_state["tensors"][i])
+                state["step"] += 1
         else:
             new_state = self._fused_step(work, theta, state_in, params, grads, loss_in)
         self.state[GLOBAL_STATE_KEY] = {
@@ -175,32 +174,23 @@ class VeLO(Optimizer):
             if target.data_ptr() != p.data_ptr():
                 p.copy_(target.reshape(p.shape))
             state.update(core.advance_tensor_state(plan, i, state, acc.state))
+            state["step"] += 1
         return plan.state
 
-    def _collect(self) -> list[tuple[torch.Tensor, torch.Tensor, dict, dict]]:
+    def _collect_all(self) -> list[tuple[torch.Tensor, torch.Tensor, dict, dict]]:
+        """Every parameter with a gradient, across groups: VeLO's LSTM sees all of them at once."""
         work = []
         maximize = None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("VeLO does not support sparse gradients")
-                if torch.is_complex(p):
-                    raise RuntimeError(
-                        "VeLO does not support complex parameters; optimise "
-                        "torch.view_as_real(param) instead"
-                    )
-                if maximize is not None and group["maximize"] != maximize:
-                    raise ValueError(
-                        "VeLO feeds one training loss to all parameters, so maximize must be the "
-                        "same in every param group"
-                    )
+            items = self._collect(group)  # the base class's checks and lazy state
+            if items and maximize is not None and group["maximize"] != maximize:
+                raise ValueError(
+                    "VeLO feeds one training loss to all parameters, so maximize must be the "
+                    "same in every param group"
+                )
+            if items:
                 maximize = group["maximize"]
-                state = self.state[p]
-                if len(state) == 0:
-                    state.update(core.init_tensor_state(p, self.config))
-                work.append((p, p.grad, group, state))
+            work += [(item.param, item.grad, group, item.state) for item in items]
         devices = {p.device for p, *_ in work}
         if len(devices) > 1:
             raise RuntimeError(
