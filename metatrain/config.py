@@ -61,10 +61,12 @@ class MetaTrainConfig:
         "step_mult=0.01",
     )
     init_from: str | None = _f(
-        None,
-        "start from these meta-weights instead of a fresh θ: a zoo reference (e.g. "
-        "small_fc_lopt/mlp_mnist), a run directory (final weights, else its latest checkpoint) "
-        "or a .safetensors file; the architecture must match --lopt",
+        "auto",
+        "starting θ: auto (the bundled default weights of the --lopt architecture when it has "
+        "them, e.g. small_fc_lopt/mlp_mnist, so a run specialises the default; else fresh), "
+        "none (a fresh random θ), or meta-weights: a zoo reference, a run directory (final "
+        "weights, else its latest checkpoint) or a .safetensors file; the architecture must "
+        "match --lopt",
     )
     lopt_backend: str = _f(
         "auto",
@@ -130,12 +132,14 @@ class MetaTrainConfig:
     # -- outputs ----------------------------------------------------------------------------------
     out_dir: str | None = _f(None, "run directory (default runs/<family>-<estimator>-<time>)")
     heldout_tasks: int = _f(
-        2,
+        1,
         "held-out tasks per family trained with θ at the start and at every checkpoint, "
         "against Adam on the same tasks (heldout.jsonl, TensorBoard heldout/*; 0: off)",
     )
-    heldout_steps: int = _f(300, "inner steps of each held-out training run")
-    checkpoint_every: int = _f(50, "checkpoint every N outer steps (0: only at the end)")
+    heldout_steps: int = _f(200, "inner steps of each held-out training run")
+    checkpoint_every: int = _f(
+        250, "checkpoint (and evaluate held-out tasks) every N outer steps (0: only at the end)"
+    )
     keep_checkpoints: int = _f(3, "checkpoints to keep")
     log_every: int = _f(10, "TensorBoard/console summary every N outer steps")
     publish: str | None = _f(None, "publish the final θ to the zoo under this name")
@@ -323,6 +327,7 @@ class MetaTrainConfig:
 
 
 QUICK: dict[str, Any] = {
+    "init_from": "none",
     "task_option": {"image_sizes": [8], "depth": 1, "width": [16, 48], "batch_size": [32, 128]},
     "num_tasks": 8,
     "truncation_length": 10,
@@ -338,6 +343,7 @@ QUICK: dict[str, Any] = {
 
 CELO2_MIXTURE = "mlp_mnist,mlp_fashion_mnist,mlp_digits"
 CELO2_RECIPE: dict[str, Any] = {
+    "init_from": "none",
     "task_family": CELO2_MIXTURE,
     "task_option": {
         "image_sizes": [8],
@@ -361,7 +367,7 @@ CELO2_RECIPE: dict[str, Any] = {
     "outer_weight_decay": 1e-4,
     "grad_clip": 0.0,
     "outer_steps": 100_000,
-    "checkpoint_every": 50,
+    "checkpoint_every": 100,
 }
 """``--preset celo2``: the Celo2 meta-training recipe on lozoo's offline substitutes.
 

@@ -10,6 +10,12 @@ The weights define the architecture. It must be the one this run meta-trains (sa
 same θ shapes), otherwise the run stops with an error naming both. The source's non-shape
 settings (e.g. small_fc_lopt's ``step_mult``) are adopted, because θ was trained for them;
 ``--lopt-option`` entries given explicitly still win.
+
+The default, ``auto``, starts from the architecture's bundled default weights when they exist
+and fit (for small_fc_lopt h=4: ``small_fc_lopt/mlp_mnist``, what ``SmallFCLOpt(params)`` uses),
+so the bare ``python -m metatrain --task-family F`` specialises the default optimizer to F
+instead of starting over; ``none`` starts from a fresh random θ. Why this default:
+docs/design/mixture.md.
 """
 
 from __future__ import annotations
@@ -23,7 +29,33 @@ import torch
 
 import lopt
 
-__all__ = ["InitFrom", "resolve_init"]
+__all__ = ["AUTO", "FRESH", "InitFrom", "default_weights_ref", "resolve_init"]
+
+AUTO = "auto"
+"""``--init-from auto``: the architecture's bundled default weights when they fit, else fresh."""
+FRESH = ("none", "")
+"""``--init-from none``: a fresh random θ (as does an unset value)."""
+
+
+def default_weights_ref(run_config: Any) -> str | None:
+    """The zoo reference of the default weights of ``run_config``'s architecture, or ``None``.
+
+    Only references whose θ shapes equal the run's qualify (a different hidden size has no
+    default weights).
+    """
+    if not isinstance(run_config, lopt.SmallFCConfig):
+        return None
+    import zoo
+
+    try:
+        entry = zoo.load(lopt.DEFAULT_ZOO_REF)
+    except (zoo.ZooError, OSError):
+        return None
+    if type(entry.config) is not type(run_config):
+        return None
+    if entry.config.theta_shapes() != run_config.theta_shapes():
+        return None
+    return lopt.DEFAULT_ZOO_REF
 
 
 @dataclass(frozen=True)
@@ -60,13 +92,23 @@ def _from_checkpoint(ref: str, path: Path) -> tuple[dict[str, torch.Tensor], Any
     return theta, config, str(ckpt_path.resolve())
 
 
-def resolve_init(ref: str, run_config: Any, lopt_option: dict[str, Any]) -> InitFrom:
+def resolve_init(ref: str | None, run_config: Any, lopt_option: dict[str, Any]) -> InitFrom | None:
     """Load REF and check it against ``run_config`` (the run's optimizer config).
 
     ``lopt_option`` are the run's explicit ``--lopt-option`` overrides; they are applied on top
-    of the source's config. Raises ``ValueError`` with one clear line on any mismatch.
+    of the source's config. ``None``/``"none"`` mean a fresh θ (returns ``None``), ``"auto"``
+    the architecture's default weights if it has any (else ``None``). Raises ``ValueError`` with
+    one clear line on any mismatch.
     """
     from .evaluation.source import resolve_optimizer
+
+    if ref is None or ref.strip().lower() in FRESH:
+        return None
+    auto = ref.strip().lower() == AUTO
+    if auto:
+        ref = default_weights_ref(run_config)
+        if ref is None:
+            return None
 
     path = Path(ref).expanduser()
     has_weights = path.is_dir() and any(
@@ -93,5 +135,5 @@ def resolve_init(ref: str, run_config: Any, lopt_option: dict[str, Any]) -> Init
         )
     # run_config already carries lopt_option, so equal shapes above mean equal shapes here
     config = type(source_config).from_dict({**source_config.to_dict(), **lopt_option})
-    record = {"ref": ref, "kind": kind, "resolved": resolved, "theta_sha256": sha}
+    record = {"ref": AUTO if auto else ref, "kind": kind, "resolved": resolved, "theta_sha256": sha}
     return InitFrom(theta=theta, config=config, record=record)

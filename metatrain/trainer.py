@@ -186,9 +186,10 @@ def train(
     """Meta-train ``cfg.lopt`` per ``cfg``; returns the final θ and the meta-loss history."""
     cfg.validate()
     init = None
-    if cfg.init_from and not resume:  # a bad reference fails before the run dir is made
+    if not resume:  # a bad reference fails before the run dir is made
         init = _resolve_init(cfg)
-        cfg = dataclasses.replace(cfg, lopt_option=init.config.to_dict())
+        if init is not None:
+            cfg = dataclasses.replace(cfg, lopt_option=init.config.to_dict())
     run_dir = Path(run_dir or cfg.out_dir or default_run_dir(cfg))
     prepare_run_dir(run_dir, resume)
     ckpt = _read_checkpoint(run_dir) if resume else None
@@ -197,7 +198,7 @@ def train(
             f"--resume {run_dir}: the run already did {ckpt['step']} outer steps; pass "
             f"--outer-steps N with N > {ckpt['step']} to continue it"
         )
-    if cfg.init_from and resume and ckpt is None:  # killed before its first checkpoint
+    if resume and ckpt is None:  # killed before its first checkpoint
         init = _resolve_init(cfg)  # the saved lopt_option already holds the source's config
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -231,7 +232,9 @@ def train(
             "task_configs": getattr(executor, "task_configs", lambda: [])(),
         }
         init_record = (
-            init.record if init is not None else _read_config_record(run_dir).get("init_from")
+            init.record
+            if init is not None
+            else _read_config_record(run_dir).get("init_from", {"ref": None, "kind": "fresh"})
         )
         if init_record is not None:
             record["init_from"] = init_record

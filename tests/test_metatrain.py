@@ -232,6 +232,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_short_real_run_lowers_the_meta_loss(tmp_path):
     cfg = MetaTrainConfig(
         task_family="mlp_mnist",
+        init_from="none",
+        heldout_tasks=0,
         task_option={"image_sizes": [8], "depth": 1, "width": [16, 48], "batch_size": [32, 128]},
         num_tasks=8,
         truncation_length=10,

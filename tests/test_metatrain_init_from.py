@@ -88,3 +88,22 @@ def test_bad_references_and_resume_keep_the_record(tmp_path, capsys):
     train(cfg, resume=True)
     record = json.loads((tmp_path / "z" / "config.json").read_text())
     assert record["init_from"]["resolved"].startswith("small_fc_lopt/mlp_mnist:")
+
+
+def test_auto_starts_from_the_architectures_default_weights_when_they_fit(tmp_path):
+    from metatrain.init_from import resolve_init
+
+    entry = zoo.load(lopt.DEFAULT_ZOO_REF)
+    init = resolve_init("auto", lopt.ORIGINAL, {})
+    assert init is not None and init.record["ref"] == "auto"
+    assert init.record["resolved"] == entry.ref and init.config == entry.config
+    assert resolve_init("auto", lopt.MULO, {}) is None  # h=32 has no default weights: fresh
+    assert resolve_init("none", lopt.ORIGINAL, {}) is None
+    assert resolve_init(None, lopt.ORIGINAL, {}) is None
+    # the dataclass (and so the bare CLI) default is auto; a fresh run records that it was fresh
+    fresh = train(tiny_config(tmp_path / "fresh", init_from="none", outer_steps=1))
+    record = json.loads((fresh.run_dir / "config.json").read_text())
+    assert record["init_from"] == {"ref": None, "kind": "fresh"}
+    auto = train(tiny_config(tmp_path / "auto", init_from="auto", outer_steps=1, outer_lr=1e-12))
+    for k, v in entry.theta.items():
+        _same(auto.theta[k], v)

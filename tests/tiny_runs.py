@@ -24,6 +24,7 @@ def tiny_config(out_dir: str | Path, **overrides) -> MetaTrainConfig:
         log_every=1,
         progress=False,
         heldout_tasks=0,  # the held-out monitor has its own tests
+        init_from="none",  # a fresh θ: tests compare runs from the seed alone
         out_dir=str(out_dir),
     )
     values.update(overrides)
