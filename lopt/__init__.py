@@ -39,10 +39,13 @@ from .theta import init_theta
 from .weights import ResolvedWeights, load_theta, register_ref_resolver, save_theta
 
 # Architectures beyond small_fc_lopt register themselves on import (after the seam above).
+from .mlp_lopt import MLPLOpt, MLPLOptConfig  # noqa: E402  isort: skip
 from .mulo import MuLO  # noqa: E402  isort: skip
 from .velo import VeLO, VeLOConfig  # noqa: E402  isort: skip
 
 __all__ = [
+    "MLPLOpt",
+    "MLPLOptConfig",
     "MuLO",
     "VeLO",
     "VeLOConfig",

@@ -20,6 +20,7 @@ __all__ = [
     "Theta",
     "flatten_theta",
     "init_theta",
+    "trunc_normal",
     "load_theta",
     "save_theta",
     "theta_sha256",
@@ -44,16 +45,21 @@ def init_theta(cfg: SmallFCConfig, generator: torch.Generator | None = None) -> 
             std = 1.0 / math.sqrt(shape[0])
             w = torch.empty(shape, dtype=torch.float32)
             # trunc_normal_ takes no generator: draw normals and resample the tails instead.
-            theta[key] = _trunc_normal(w, std, generator)
+            theta[key] = trunc_normal(w, std, generator)
         else:
             theta[key] = torch.zeros(shape, dtype=torch.float32)
     return theta
 
 
-def _trunc_normal(out: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
+def trunc_normal(out: torch.Tensor, std: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Fill ``out`` with ``std·z``, z standard normal truncated to ±2 (Haiku's TruncatedNormal
+    with absolute bounds and no variance correction), drawn from ``generator``."""
     sample = torch.randn(out.shape, generator=generator)
     bad = sample.abs() > 2.0
     while bad.any():
         sample[bad] = torch.randn(int(bad.sum()), generator=generator)
         bad = sample.abs() > 2.0
     return out.copy_(sample * std)
+
+
+_trunc_normal = trunc_normal  # the name other modules imported first

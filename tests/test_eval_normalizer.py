@@ -185,6 +185,7 @@ def test_diverged_runs_give_strict_json_valid_reports_and_plots(tmp_path):
                 "kind": "file",
                 "resolved": "/x.safetensors",
                 "theta_sha256": "0" * 64,
+                "architecture": "small_fc_lopt",
                 "lopt_config": {},
             },
             "task_family": "quadratic",

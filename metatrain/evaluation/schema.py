@@ -97,6 +97,7 @@ _CONFIG = _obj(
                 "kind": {"enum": ["zoo", "run_dir", "file"]},
                 "resolved": {"type": "string"},
                 "theta_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "architecture": {"type": "string"},
                 "lopt_config": {"type": "object"},
             }
         ),

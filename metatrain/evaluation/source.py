@@ -46,6 +46,7 @@ class LearnedSource:
             "kind": self.kind,
             "resolved": self.resolved,
             "theta_sha256": self.sha256,
+            "architecture": lopt.architecture_of(self.config).name,
             "lopt_config": self.config.to_dict(),
         }
 
