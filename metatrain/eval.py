@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = p.add_argument
     add(
+        "--suite",
+        choices=["generalisation"],
+        default=None,
+        help="run the held-out generalisation benchmark instead of a task-family evaluation "
+        "(its flags: python -m metatrain.eval --suite generalisation --help)",
+    )
+    add(
         "--optimizer",
         required=True,
         metavar="REF",
@@ -213,6 +220,10 @@ def _summary(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--suite" or a.startswith("--suite=") for a in argv):
+        from metatrain.generalisation.cli import main as suite_main
+
+        return suite_main(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("lozoo").setLevel(logging.INFO)

@@ -33,6 +33,7 @@ __all__ = [
     "MLPDigitsFamily",
     "MLPFashionMnistFamily",
     "MLPMnistFamily",
+    "mlp_shapes",
 ]
 
 
@@ -67,6 +68,16 @@ CANONICAL_FASHION_MNIST = ImageMLPConfig(
 """ImageMLP_FashionMnist8_Relu32: 64 → 32 → 10 ReLU, batch 128, 2,410 params (tasks.md §3)."""
 
 
+def mlp_shapes(inputs: int, hidden: tuple[int, ...], outputs: int) -> dict[str, tuple[int, ...]]:
+    """``layer{i}.weight`` ``(out, in)`` and ``layer{i}.bias`` of a dense net, in init order."""
+    sizes = [inputs, *hidden, outputs]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        shapes[f"layer{i}.weight"] = (fan_out, fan_in)
+        shapes[f"layer{i}.bias"] = (fan_out,)
+    return shapes
+
+
 class ImageMLPTask(ImageClassificationTask):
     """An MLP classifier over flattened ``s×s`` images, built from an :class:`ImageMLPConfig`."""
 
@@ -79,11 +90,7 @@ class ImageMLPTask(ImageClassificationTask):
             static.dataset, static.image_size, static.batch_size, static.activations, data_dir
         )
         self.static = static
-        sizes = [static.image_size**2, *static.hidden, NUM_CLASSES]
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            self._shapes[f"layer{i}.weight"] = (fan_out, fan_in)
-            self._shapes[f"layer{i}.bias"] = (fan_out,)
+        self._shapes = mlp_shapes(static.image_size**2, static.hidden, NUM_CLASSES)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)

@@ -1,0 +1,200 @@
+"""``python -m metatrain.eval --suite generalisation --optimizer REF ...``: the front door."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from tasks.heldout import PROBLEMS
+
+from .config import ABLATION_AXES, SCHEDULES, SuiteConfig
+
+__all__ = ["build_parser", "main"]
+
+_D = SuiteConfig(optimizer="")
+SUITES = ("generalisation",)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _list(kind):
+    def parse(text: str):
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        try:
+            return [kind(p) for p in parts]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated values, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    problems = "\n".join(f"  {p.name}: {p.title}, {p.steps} steps" for p in PROBLEMS.values())
+    p = _Parser(
+        prog="python -m metatrain.eval --suite generalisation",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tune an optimizer and AdamW the same way on held-out real problems "
+        "(lr grid × {constant, cosine} × weight decay {0, 0.01}, best by final train loss, "
+        "re-run on every seed) and report losses, accuracies, divergence, the speedup over "
+        "AdamW and IQMs with bootstrap CIs (rliable). Runs are cached on disk.\n\nproblems:\n"
+        + problems,
+    )
+    add = p.add_argument
+    add("--suite", choices=SUITES, required=True, help="the benchmark suite to run")
+    add(
+        "--optimizer",
+        required=True,
+        metavar="REF",
+        help="adamw, muon, sgd, a zoo reference (small_fc_lopt/mlp_mnist[:1.0.0]), a "
+        "meta-training run directory or a .safetensors file",
+    )
+    add(
+        "--problems",
+        type=_list(str),
+        default=None,
+        metavar="P,..",
+        help="subset of problems (default: all)",
+    )
+    add(
+        "--seeds",
+        type=int,
+        default=_D.seeds,
+        metavar="S",
+        help="seeds of the tuned config (default: %(default)s)",
+    )
+    add(
+        "--lr-points",
+        type=int,
+        default=_D.lr_points,
+        metavar="N",
+        help="lr grid size: N half-decade values around the optimizer's centre (AdamW and Muon "
+        "3e-3, SGD 0.03, learned 1.0) (default: %(default)s)",
+    )
+    add(
+        "--lrs",
+        type=_list(float),
+        default=None,
+        metavar="LR,..",
+        help="explicit lr grid (overrides --lr-points)",
+    )
+    add(
+        "--schedules",
+        type=_list(str),
+        default=None,
+        metavar="S,..",
+        help=f"schedules to tune over (default: {','.join(SCHEDULES)})",
+    )
+    add(
+        "--weight-decays",
+        type=_list(float),
+        default=None,
+        metavar="WD,..",
+        help="weight decays to tune over (default: 0,0.01)",
+    )
+    add(
+        "--steps-scale",
+        type=float,
+        default=_D.steps_scale,
+        metavar="X",
+        help="multiply every problem's steps (reduced settings; default: %(default)s)",
+    )
+    add(
+        "--ablate",
+        type=_list(str),
+        default=None,
+        metavar="AXES",
+        help=f"report the best config per value of these axes too: {','.join(ABLATION_AXES)}",
+    )
+    add(
+        "--max-time",
+        type=float,
+        default=_D.max_time,
+        metavar="SEC",
+        help="stop after SEC seconds and report the problems finished (0: no limit; finished "
+        "runs stay cached, so a rerun continues)",
+    )
+    add(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output directory, never overwritten (default: runs/suite-<time>)",
+    )
+    add(
+        "--publish",
+        default=None,
+        metavar="NAME",
+        help="add the results to the zoo card of NAME (learned optimizers)",
+    )
+    add("--cache-dir", default=None, metavar="DIR", help="run cache (default: $LOZOO_CACHE/suite)")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    add(
+        "--threads",
+        type=int,
+        default=_D.threads,
+        metavar="N",
+        help="torch threads (default: torch's)",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SuiteConfig:
+    return SuiteConfig(
+        optimizer=args.optimizer,
+        problems=tuple(args.problems or ()),
+        seeds=args.seeds,
+        lr_points=args.lr_points,
+        lrs=tuple(args.lrs or ()),
+        schedules=tuple(args.schedules) if args.schedules else SCHEDULES,
+        weight_decays=tuple(args.weight_decays)
+        if args.weight_decays is not None
+        else _D.weight_decays,
+        steps_scale=args.steps_scale,
+        ablate=tuple(args.ablate or ()),
+        max_time=args.max_time,
+        out=args.out,
+        publish=args.publish,
+        cache_dir=args.cache_dir,
+        progress=args.progress,
+        threads=args.threads,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lozoo").setLevel(logging.INFO)
+    import zoo
+
+    from .report import markdown
+    from .suite import evaluate_suite
+
+    try:
+        result = evaluate_suite(
+            config_from_args(args),
+            command=shlex.join(["python", "-m", "metatrain.eval", *argv]),
+        )
+    except (ValueError, FileNotFoundError, ImportError, zoo.ZooError) as err:
+        message = " ".join(str(err).split())
+        print(f"python -m metatrain.eval: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (finished runs are cached)", file=sys.stderr)
+        return 130
+    report = result.report
+    print(markdown(report))
+    runs = report["runs"]
+    print(
+        f"wrote {result.out_dir} ({len(result.files)} files) in {report['runtime_s']:.1f} s; "
+        f"{runs['computed']} runs computed, {runs['reused_from_cache']} from the cache"
+    )
+    if result.entry is not None:
+        print(f"published {result.entry.ref} to {result.entry.path}")
+    return 0
