@@ -10,9 +10,9 @@ the suite trains exactly as a user would:
   AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``), so one lr drives both; centre 3e-3.
 * ``sgd``: ``torch.optim.SGD`` with momentum 0.9 (its weight decay is torch's L2 term); centre
   0.03.
-* a learned optimizer (zoo reference, run dir or ``.safetensors`` file): its ``lopt``
-  ``torch.optim`` shell with the meta-weights; "lr" multiplies the learned step (centre 1.0) and
-  weight decay is decoupled, ``p·(1 − lr·wd)``.
+* a learned optimizer (zoo reference, run dir or ``.safetensors`` file) of any architecture in
+  ``lopt``'s registry: that architecture's ``torch.optim`` shell with the meta-weights; "lr"
+  multiplies the learned step (centre 1.0) and weight decay is decoupled, ``p·(1 − lr·wd)``.
 
 Schedules set every param group's ``lr`` before each step (the runner), which is what
 ``LambdaLR`` does, for any object with ``param_groups``. The identity of an
@@ -111,14 +111,23 @@ class OptimizerSpec:
         return opt
 
 
-def _learned(
-    source: Any, params: list[Tensor], cfg: RunConfig, steps: int
-) -> torch.optim.Optimizer:
-    """The learned optimizer through lozoo's public ``lopt`` API (its ``torch.optim`` shell)."""
+def _learned(source: Any, params: list[Tensor], cfg: RunConfig, steps: int) -> Any:
+    """The learned optimizer through lozoo's public ``lopt`` API: its architecture's shell.
+
+    Any registered architecture works (small_fc_lopt, mlp_lopt, VeLO, Celo-style ...): the
+    shell gets the run's planned steps (for architectures that use training progress) and,
+    through ``step(closure)``, the loss.
+    """
     import lopt
 
-    return lopt.SmallFCLOpt(
-        params, source.theta, source.config, lr=cfg.lr, weight_decay=cfg.weight_decay
+    arch = lopt.architecture_of(source.config)
+    return arch.optimizer(
+        params,
+        source.theta,
+        source.config,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        num_steps=steps,
     )
 
 
@@ -144,8 +153,11 @@ def resolve_spec(ref: str) -> OptimizerSpec:
         source = resolve_optimizer(ref)
     except ValueError as err:
         raise ValueError(f"{err} (baselines: {', '.join(BASELINES)})") from None
+    import lopt
+
     identity = {
         "optimizer": "lopt",
+        "architecture": lopt.architecture_of(source.config).name,
         "theta_sha256": source.sha256,
         "config": source.config.to_dict(),
     }
