@@ -33,7 +33,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import MetaTrainConfig
 from .executors import Executor, make_executor
 from .learner import OuterLearner
-from .worker import derive_seed
+from .seeding import TAG_THETA_INIT, derive_seed
+from .worker import aggregate_metrics
 
 log = logging.getLogger("lozoo.metatrain")
 
@@ -103,10 +104,7 @@ def _read_config_record(run_dir: Path) -> dict[str, Any]:
 
 
 def _average(results) -> dict[str, float]:
-    keys = results[0].metrics.keys()
-    out = {k: sum(r.metrics[k] for r in results) / len(results) for k in keys}
-    out["inner_steps"] = sum(r.metrics["inner_steps"] for r in results)
-    return out
+    return aggregate_metrics([r.metrics for r in results])
 
 
 def _read_checkpoint(run_dir: Path) -> dict[str, Any] | None:
@@ -207,7 +205,8 @@ def train(
     if init is not None:
         theta0 = init.theta
     else:
-        theta0 = arch.init_theta(lopt_cfg, torch.Generator().manual_seed(derive_seed(cfg.seed, 3)))
+        generator = torch.Generator().manual_seed(derive_seed(cfg.seed, TAG_THETA_INIT))
+        theta0 = arch.init_theta(lopt_cfg, generator)
     learner = OuterLearner(
         lopt.flatten_theta(theta0, lopt_cfg), cfg.outer_lr, cfg.grad_clip, cfg.outer_weight_decay
     )

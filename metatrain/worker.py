@@ -8,10 +8,10 @@ estimator), never shipped as tensors (meta_training.md §3, §7).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 import tasks
@@ -19,16 +19,35 @@ import tasks
 from .config import MetaTrainConfig
 from .estimators import PES, Estimator, FullES, TruncatedES
 from .schedules import NeverEnding, make_schedule
+from .seeding import (
+    TAG_ESTIMATOR,
+    TAG_FULL_ES_LENGTHS,
+    TAG_PERTURBATION,
+    TAG_STREAMS,
+    TAG_UNROLL,
+    TAG_WORKER,
+    derive_seed,
+)
 from .shaping import get_shaping
 from .unroll import TaskLanes, VectorizedUnroll
 
-SUMMED_METRICS = ("inner_steps", "nonfinite_grad", "resets")  # totals; other metrics average
+SUMMED_METRICS = ("inner_steps", "nonfinite_grad", "resets")
+"""Counts: totals over estimators and workers. Every other metric is a mean over them."""
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integer parts; independent streams for distinct tuples."""
-    words = [int(p) & 0xFFFFFFFF for p in parts]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+def aggregate_metrics(parts: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Combine metrics of several estimators (in a worker) or workers (in the trainer).
+
+    One rule at both levels: counts in :data:`SUMMED_METRICS` add up, other metrics average.
+    """
+    if not parts:
+        return {}
+    n = len(parts)
+    out: dict[str, float] = {}
+    for part in parts:
+        for key, value in part.items():
+            out[key] = out.get(key, 0.0) + (value if key in SUMMED_METRICS else value / n)
+    return out
 
 
 @dataclass
@@ -57,20 +76,23 @@ def build_estimator(
     static = tasks.static_from_dict(static_dict) if static_dict else family.sample_static(gen)
     task = family.make_task(static)
     problem = TaskLanes(
-        task, family, static, cfg.lopt_config(), cfg.num_tasks, derive_seed(seed, 1),
+        task, family, static, cfg.lopt_config(), cfg.num_tasks, derive_seed(seed, TAG_STREAMS),
         lopt_backend=cfg.lopt_backend,
     )  # fmt: skip
     shaping = get_shaping(cfg.shaping)
     if cfg.estimator == "full_es":
         lengths = make_schedule(cfg.schedule, cfg.trajectory_length, cfg.min_trajectory_length)
-        unroll = VectorizedUnroll(problem, cfg.num_tasks, NeverEnding(), 0, derive_seed(seed, 2))
+        unroll = VectorizedUnroll(
+            problem, cfg.num_tasks, NeverEnding(), 0, derive_seed(seed, TAG_UNROLL)
+        )
         est: Estimator = FullES(
-            unroll, lengths, cfg.sigma, shaping, cfg.full_es_reduce, derive_seed(seed, 3)
+            unroll, lengths, cfg.sigma, shaping, cfg.full_es_reduce,
+            derive_seed(seed, TAG_FULL_ES_LENGTHS),
         )
     else:
         schedule = make_schedule(cfg.schedule, cfg.trajectory_length, cfg.min_trajectory_length)
         unroll = VectorizedUnroll(
-            problem, cfg.num_tasks, schedule, cfg.offset, derive_seed(seed, 2)
+            problem, cfg.num_tasks, schedule, cfg.offset, derive_seed(seed, TAG_UNROLL)
         )
         if cfg.estimator == "pes":
             est = PES(unroll, cfg.truncation_length, cfg.sigma, shaping, cfg.pes_reset_rule)
@@ -95,7 +117,7 @@ class Worker:
     def __init__(self, cfg: MetaTrainConfig, worker_id: int = 0) -> None:
         self.cfg = cfg
         self.worker_id = worker_id
-        self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, 7, worker_id))
+        self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, TAG_WORKER, worker_id))
         self.created = 0  # estimators built so far: seeds every new one uniquely
         self.slot_families = estimator_families(cfg)
         self.estimators: list[Estimator] = []
@@ -106,7 +128,7 @@ class Worker:
 
     def _add_estimator(self, slot: int | None = None, static_dict=None, seed=None) -> None:
         if seed is None:
-            seed = derive_seed(self.cfg.seed, 11, self.worker_id, self.created)
+            seed = derive_seed(self.cfg.seed, TAG_ESTIMATOR, self.worker_id, self.created)
             self.created += 1
         index = len(self.estimators) if slot is None else slot
         est, static = build_estimator(self.cfg, static_dict, seed, self.slot_families[index])
@@ -119,13 +141,13 @@ class Worker:
 
     def compute(self, theta: torch.Tensor, step: int) -> WorkerResult:
         """Average the estimators' gradients at θ for outer step ``step``."""
-        grads, metrics = [], {}
-        n = len(self.estimators)
+        grads, parts = [], []
         for i, est in enumerate(self.estimators):
-            g, m = est.estimate(theta, derive_seed(self.cfg.seed, 13, step, self.worker_id, i))
+            seed = derive_seed(self.cfg.seed, TAG_PERTURBATION, step, self.worker_id, i)
+            g, m = est.estimate(theta, seed)
             grads.append(g)
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + (v if k in SUMMED_METRICS else v / n)
+            parts.append(m)
+        metrics = aggregate_metrics(parts)
         grad = torch.nan_to_num(torch.stack(grads).mean(0), nan=0.0, posinf=0.0, neginf=0.0)
         if self.cfg.resample_every > 0:
             for i in range(len(self.estimators)):

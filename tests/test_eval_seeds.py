@@ -10,14 +10,14 @@ import torch
 
 import lopt
 import metatrain.evaluation.seeds as seeds_mod
-from metatrain import MetaTrainConfig, Worker
+from metatrain import MetaTrainConfig, Worker, seeding
 from metatrain.evaluation.seeds import (
     EVAL_NAMESPACE,
-    METATRAIN_TAGS,
     effective,
     make_eval_seeds,
     metatrain_seeds,
 )
+from metatrain.seeding import METATRAIN_TAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +47,18 @@ def test_cpu_generators_use_only_the_low_32_bits_of_a_seed():
 
 
 def test_metatrain_tags_are_the_ones_the_trainer_uses_and_the_namespace_avoids_them():
+    # Every seed of a run is derive_seed(seed, TAG_..., ...) with a tag named in
+    # metatrain.seeding, whose METATRAIN_TAGS the evaluation namespace avoids.
     sources = [ROOT / "metatrain" / "worker.py", ROOT / "metatrain" / "trainer.py"]
     tags = set()
     for path in sources:
-        for match in re.finditer(r"derive_seed\(\s*[\w.]+\s*,\s*(\d+)", path.read_text()):
-            tags.add(int(match.group(1)))
-    assert tags and tags <= set(METATRAIN_TAGS), f"new meta-training tags {tags}"
+        for match in re.finditer(r"derive_seed\(\s*[\w.]+\s*,\s*(\w+)", path.read_text()):
+            tags.add(match.group(1))
+    assert tags, "no derive_seed calls found"
+    unnamed = sorted(t for t in tags if not t.startswith("TAG_"))
+    assert not unnamed, f"derive_seed with a literal tag {unnamed}: name it in metatrain.seeding"
+    assert {getattr(seeding, t) for t in tags} <= set(METATRAIN_TAGS)
+    assert set(METATRAIN_TAGS) == set(seeding.RUN_TAGS) | set(seeding.ESTIMATOR_TAGS)
     assert EVAL_NAMESPACE[1] not in METATRAIN_TAGS
 
 

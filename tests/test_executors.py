@@ -79,3 +79,20 @@ def test_a_checkpoint_of_another_worker_count_is_refused(tmp_path):
     one = SerialExecutor(tiny(tmp_path).validate(), 1)
     with pytest.raises(ValueError, match="checkpoint has 2 workers but this run has 1; resume wi"):
         one.load_state_dict(two.state_dict())
+
+
+def test_counts_add_up_and_other_metrics_average_within_and_across_workers():
+    from metatrain.trainer import _average
+    from metatrain.worker import SUMMED_METRICS, WorkerResult, aggregate_metrics
+
+    est = [
+        {"meta_loss": 1.0, "resets": 2.0, "nonfinite_grad": 1.0, "inner_steps": 10.0},
+        {"meta_loss": 3.0, "resets": 1.0, "nonfinite_grad": 0.0, "inner_steps": 10.0},
+    ]
+    worker = aggregate_metrics(est)  # within a worker (its estimators)
+    assert worker == {"meta_loss": 2.0, "resets": 3.0, "nonfinite_grad": 1.0, "inner_steps": 20.0}
+    other = {"meta_loss": 4.0, "resets": 4.0, "nonfinite_grad": 2.0, "inner_steps": 20.0}
+    results = [WorkerResult(torch.zeros(1), 0, i, m) for i, m in enumerate((worker, other))]
+    across = _average(results)  # across workers: the same rule
+    assert across == {"meta_loss": 3.0, "resets": 7.0, "nonfinite_grad": 3.0, "inner_steps": 40.0}
+    assert set(SUMMED_METRICS) == {"inner_steps", "nonfinite_grad", "resets"}

@@ -114,6 +114,12 @@ class ZooEntry:
     format_version: int = FORMAT_VERSION
 
     @property
+    def user_meta(self) -> dict[str, Any]:
+        """``meta`` without the keys the zoo writes itself (hashes, format, name, ...): what
+        the publisher supplied, e.g. to carry into a derived entry."""
+        return {k: v for k, v in self.meta.items() if k not in RESERVED_META}
+
+    @property
     def optimizer_class(self) -> type:
         """The ``torch.optim`` shell of the entry's architecture (e.g. ``lopt.SmallFCLOpt``)."""
         return lopt.get_architecture(self.architecture).optimizer

@@ -6,8 +6,8 @@ to hold in two ways:
 
 1. **By construction.** Every evaluation seed is ``derive_seed(*EVAL_NAMESPACE, eval_seed,
    purpose, task, [seed index], salt)``. Every meta-training seed is ``derive_seed(run_seed, tag,
-   ...)`` or ``derive_seed(estimator_seed, tag)`` with ``tag`` in {1, 2, 3, 7, 11, 13}
-   (``metatrain/worker.py``, ``trainer.py``); ``EVAL_NAMESPACE[1]`` is none of those, so the two
+   ...)`` or ``derive_seed(estimator_seed, tag)`` with ``tag`` one of
+   :data:`metatrain.seeding.METATRAIN_TAGS`; ``EVAL_NAMESPACE[1]`` is none of those, so the two
    never hash the same input.
 2. **By check.** Different hash inputs can still collide in the 32 bits a CPU generator actually
    uses (``manual_seed`` keeps only the low 32 bits; tested). When the meta-training config is
@@ -28,7 +28,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from metatrain.worker import derive_seed
+from metatrain.seeding import (
+    ESTIMATOR_TAGS,
+    METATRAIN_TAGS,
+    TAG_ESTIMATOR,
+    TAG_THETA_INIT,
+    TAG_WORKER,
+    derive_seed,
+)
 
 __all__ = [
     "EVAL_NAMESPACE",
@@ -42,8 +49,6 @@ __all__ = [
 ]
 
 EVAL_NAMESPACE = (0x6C7A6F6F, 0x6576616C)  # "lzoo", "eval": the first two words of every tuple
-METATRAIN_TAGS = (1, 2, 3, 7, 11, 13)
-"""Second words of meta-training seed tuples; the evaluation namespace must avoid them."""
 _TASK, _INIT, _DATA, _VALID = 1, 2, 3, 4
 _MASK32 = 0xFFFFFFFF
 _MAX_SALT = 64
@@ -187,11 +192,11 @@ def metatrain_seeds(cfg: Mapping[str, Any]) -> Iterator[int]:
     seed = _run_seed(cfg)
     workers, per_worker = _estimators_per_worker(cfg)
     yield seed
-    yield derive_seed(seed, 3)  # θ init
+    yield derive_seed(seed, TAG_THETA_INIT)
     for worker in range(workers):
-        yield derive_seed(seed, 7, worker)  # the worker's resampling generator
+        yield derive_seed(seed, TAG_WORKER, worker)  # the worker's resampling generator
         for created in range(per_worker):
-            estimator = derive_seed(seed, 11, worker, created)  # static config
+            estimator = derive_seed(seed, TAG_ESTIMATOR, worker, created)  # static config
             yield estimator
-            for tag in (1, 2, 3):  # data streams, lanes/inits/lengths, full-ES lengths
+            for tag in ESTIMATOR_TAGS:  # data streams, lanes/inits/lengths, full-ES lengths
                 yield derive_seed(estimator, tag)

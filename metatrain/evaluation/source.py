@@ -66,7 +66,6 @@ def resolve_optimizer(ref: str) -> LearnedSource:
     if path.is_file():
         return _from_file(ref, path)
     import zoo
-    from zoo.entry import RESERVED_META
 
     try:
         entry = zoo.load(ref)
@@ -74,7 +73,7 @@ def resolve_optimizer(ref: str) -> LearnedSource:
         kinds = "a meta-training run directory, a .safetensors file or a zoo reference"
         raise ValueError(f"--optimizer {ref!r} is not {kinds}{note}: {err}") from None
     meta = dict(entry.meta)
-    provenance = {k: v for k, v in meta.items() if k not in RESERVED_META}
+    provenance = entry.user_meta
     provenance.pop("annotates", None)
     return LearnedSource(
         ref=ref,
