@@ -57,8 +57,7 @@ class MetaTrainConfig:
     )
     lopt_option: dict[str, Any] = _f(
         {},
-        "override a field of the optimizer's config, KEY=VALUE (repeatable), e.g. "
-        "step_mult=0.01",
+        "override a field of the optimizer's config, KEY=VALUE (repeatable), e.g. step_mult=0.01",
     )
     init_from: str | None = _f(
         "auto",

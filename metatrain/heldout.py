@@ -151,20 +151,47 @@ class HeldoutMonitor:
         return out
 
     # -- the per-checkpoint evaluation ----------------------------------------------------------
+    @torch.no_grad()
+    def _train_learned(
+        self, item: _HeldoutTask, theta_flat: torch.Tensor, lopt_config: Any
+    ) -> tuple[torch.Tensor, float]:
+        """θ's train losses ``[K]`` and final validation loss on one task.
+
+        Runs through the meta-trainer's own lane step (one lane), so an architecture's fused
+        lane kernel serves here too (``--lopt-backend``); the batches are the ones Adam saw.
+        """
+        from .unroll import TaskLanes
+
+        arch = lopt.architecture_of(lopt_config)
+        lanes = TaskLanes(
+            item.task, None, item.task.static, lopt_config, 1, item.data_seed,
+            lopt_backend=self.cfg.lopt_backend,
+        )  # fmt: skip
+        params = {k: v.clone() for k, v in item.inits.items()}  # [1, ...]
+        zeros = arch.init_state({k: v[0] for k, v in params.items()}, lopt_config)
+        state = {
+            "params": params,
+            "opt_state": _map(lambda x: x.unsqueeze(0).clone(), zeros),
+            "task_cfg": {k: v.unsqueeze(0) for k, v in item.lane.items()},
+        }
+        theta_lanes = theta_flat.detach().reshape(1, -1).float()
+        losses = torch.empty(self.steps)
+        for k in range(self.steps):
+            state, loss = lanes.step(theta_lanes, state, lanes.next_batch())
+            losses[k] = loss[0]
+        final = {k: v[0] for k, v in state["params"].items()}
+        valid = float(item.task.metrics(final, item.val_batch, item.lane)["loss"])
+        return losses, valid
+
     def evaluate(self, theta_flat: torch.Tensor, lopt_config: Any) -> dict[str, float]:
         """Held-out metrics of θ: means over tasks, per family, and the ratio to Adam."""
-        from .evaluation.optimizers import LearnedOptimizer
-
         start = time.perf_counter()
-        theta = lopt.unflatten_theta(theta_flat.detach().clone(), lopt_config)
-        learned = LearnedOptimizer(theta, lopt_config)
         rows = []
         for item, adam in zip(self.tasks, self.adam):
-            train_loss, val_loss = self._train(item, learned)
-            score = final_score(train_loss[0, 0])
-            valid = float(val_loss[0, 0])
+            train_loss, valid = self._train_learned(item, theta_flat, lopt_config)
+            score = final_score(train_loss)
             # diverged: non-finite, or clearly above where it started (noise-level ties are not)
-            diverged = not math.isfinite(score) or score > 1.05 * float(train_loss[0, 0, 0])
+            diverged = not math.isfinite(score) or score > 1.05 * float(train_loss[0])
             rows.append((item.family, score, valid, adam, diverged))
         ratios = [min(s / max(a["train_loss"], 1e-12), 1e6) for _, s, _, a, _ in rows]
         metrics = {
@@ -232,6 +259,12 @@ class HeldoutMonitor:
         self.best_ratio = min(clean, default=math.inf)
         if kept:
             self.eval_seconds = kept[-1].get("heldout_eval_s", 0.0)
+
+
+def _map(fn, tree):
+    if isinstance(tree, dict):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    return fn(tree)
 
 
 def _mean(values: list[float]) -> float:

@@ -29,12 +29,16 @@ import torch
 
 import lopt
 
-__all__ = ["AUTO", "FRESH", "InitFrom", "default_weights_ref", "resolve_init"]
+__all__ = ["AUTO", "DEFAULT_WEIGHTS", "FRESH", "InitFrom", "default_weights_ref", "resolve_init"]
 
 AUTO = "auto"
 """``--init-from auto``: the architecture's bundled default weights when they fit, else fresh."""
 FRESH = ("none", "")
 """``--init-from none``: a fresh random θ (as does an unset value)."""
+
+
+DEFAULT_WEIGHTS: dict[str, str] = {"small_fc_lopt": lopt.DEFAULT_ZOO_REF}
+"""Architecture name → the bundled weights ``--init-from auto`` starts from."""
 
 
 def default_weights_ref(run_config: Any) -> str | None:
@@ -43,19 +47,20 @@ def default_weights_ref(run_config: Any) -> str | None:
     Only references whose θ shapes equal the run's qualify (a different hidden size has no
     default weights).
     """
-    if not isinstance(run_config, lopt.SmallFCConfig):
+    ref = DEFAULT_WEIGHTS.get(lopt.architecture_of(run_config).name)
+    if ref is None:
         return None
     import zoo
 
     try:
-        entry = zoo.load(lopt.DEFAULT_ZOO_REF)
+        entry = zoo.load(ref)
     except (zoo.ZooError, OSError):
         return None
     if type(entry.config) is not type(run_config):
         return None
     if entry.config.theta_shapes() != run_config.theta_shapes():
         return None
-    return lopt.DEFAULT_ZOO_REF
+    return ref
 
 
 @dataclass(frozen=True)
@@ -68,9 +73,7 @@ class InitFrom:
 
 
 def _describe(config: Any) -> str:
-    shapes = config.theta_shapes()
-    count = sum(int(torch.Size(s).numel()) for s in shapes.values())
-    return f"{type(config).__name__} with {count} meta-parameters"
+    return f"{lopt.architecture_of(config).name} with {config.num_params} meta-parameters"
 
 
 def _from_checkpoint(ref: str, path: Path) -> tuple[dict[str, torch.Tensor], Any, str]:
@@ -129,7 +132,7 @@ def resolve_init(ref: str | None, run_config: Any, lopt_option: dict[str, Any]) 
         source_config.theta_shapes() != run_config.theta_shapes()
     ):
         raise ValueError(
-            f"--init-from {ref!r} holds a {_describe(source_config)}, but this run meta-trains a "
+            f"--init-from {ref!r} holds {_describe(source_config)}, but this run meta-trains "
             f"{_describe(run_config)}; choose weights of that architecture or change --lopt / "
             "--lopt-option to match them"
         )

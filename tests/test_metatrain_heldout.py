@@ -103,3 +103,29 @@ def test_a_diverging_theta_is_flagged_and_never_kept_as_best(tmp_path):
 def test_bad_heldout_settings():
     with pytest.raises(ValueError, match=r"--heldout-tasks must be >= 0 and --heldout-steps >= 10"):
         heldout_config("unused", heldout_steps=3).validate()
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_lane_step_training_matches_the_evaluation_runner(tmp_path, backend):
+    from metatrain.evaluation.optimizers import LearnedOptimizer
+    from metatrain.evaluation.runner import train_task
+
+    cfg = heldout_config(tmp_path / "r", lopt_backend=backend, heldout_steps=15)
+    (tmp_path / "r").mkdir()
+    monitor = HeldoutMonitor(cfg, tmp_path / "r")
+    entry_theta = lopt.init_theta(cfg.lopt_config(), torch.Generator().manual_seed(4))
+    flat = lopt.flatten_theta(entry_theta, cfg.lopt_config())
+    item = monitor.tasks[0]
+    losses, valid = monitor._train_learned(item, flat, cfg.lopt_config())
+    curves = train_task(
+        item.task,
+        item.lane,
+        item.inits,
+        item.data_seed,
+        item.val_batch,
+        [LearnedOptimizer(entry_theta, cfg.lopt_config())],
+        15,
+        [15],
+    )
+    torch.testing.assert_close(losses, curves.train_loss[0, 0], rtol=1e-4, atol=1e-5)
+    assert valid == pytest.approx(float(curves.val_loss[0, 0, -1]), rel=1e-4)

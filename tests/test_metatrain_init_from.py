@@ -68,8 +68,8 @@ def test_architecture_mismatch_is_a_clear_error(tmp_path):
     lopt.save_theta(path, lopt.init_theta(lopt.MULO), lopt.MULO)
     with pytest.raises(
         ValueError,
-        match=r"holds a SmallFCConfig with 2409 meta-parameters, but "
-        r"this run meta-trains a SmallFCConfig with 197",
+        match=r"holds small_fc_lopt with 2409 meta-parameters, but "
+        r"this run meta-trains small_fc_lopt with 197",
     ):
         train(tiny_config(tmp_path / "r", init_from=str(path)))
 

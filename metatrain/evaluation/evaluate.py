@@ -109,9 +109,7 @@ def write_outputs(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path
 def _run_tasks(cfg: EvalConfig, source: LearnedSource, family, seeds) -> list[dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    learned = LearnedOptimizer(
-        source.theta, source.config, cfg.learned_lr, num_steps=cfg.steps
-    )
+    learned = LearnedOptimizer(source.theta, source.config, cfg.learned_lr, num_steps=cfg.steps)
     optimizers = [learned, AdamGrid(cfg.adam_lrs)]
     val_at = validation_steps(cfg.steps, cfg.eval_every)
     records = []
