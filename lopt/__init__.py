@@ -32,6 +32,7 @@ from .core import (
     tensor_step,
     update,
 )
+from .nonfinite import NonFiniteGradientError, guarded_update
 from .optimizer import DEFAULT_ZOO_REF, SmallFCLOpt, resolve_weights
 from .shell import LearnedOptimizer, make_optimizer
 from .small_fc import SMALL_FC_LOPT
@@ -57,6 +58,7 @@ __all__ = [
     "Architecture",
     "ConfigMixin",
     "LearnedOptimizer",
+    "NonFiniteGradientError",
     "ResolvedWeights",
     "SmallFCConfig",
     "SmallFCLOpt",
@@ -68,6 +70,7 @@ __all__ = [
     "factored_dims",
     "flatten_theta",
     "get_architecture",
+    "guarded_update",
     "init_state",
     "init_tensor_state",
     "init_theta",

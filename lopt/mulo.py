@@ -115,7 +115,8 @@ class MuLO(SmallFCLOpt):
         params: ``model.named_parameters()`` (or param groups of ``(name, tensor)`` pairs): the
             names pair each tensor with its shape in ``base_shapes``.
         base_shapes: the same model at another width, as an ``nn.Module`` or ``{name: shape}``.
-        weights, config, lr, weight_decay, maximize, backend: as :class:`lopt.SmallFCLOpt`
+        weights, config, lr, weight_decay, maximize, backend, nonfinite: as
+            :class:`lopt.SmallFCLOpt`
             (the µLO weights are small_fc_lopt's ``mulo`` preset).
         base_dim: divisor of the hidden fan-in (default 1: ``w = fan_in``, µLO's convention);
             ``None`` uses the base model's size (stock ``mup``).
@@ -136,6 +137,7 @@ class MuLO(SmallFCLOpt):
         weight_decay: float = 0.0,
         maximize: bool = False,
         backend: str = "auto",
+        nonfinite: str = "skip",
     ) -> None:
         if weights is None:
             raise ValueError(
@@ -151,6 +153,7 @@ class MuLO(SmallFCLOpt):
             weight_decay=weight_decay,
             maximize=maximize,
             backend=backend,
+            nonfinite=nonfinite,
         )
         shapes: dict[str, tuple[int, ...]] = {}
         for group in self.param_groups:

@@ -65,6 +65,8 @@ class SmallFCLOpt(LearnedOptimizer):
             ``"cpp"`` (compiled CPU kernel) or ``"cuda"`` (compiled CUDA kernel); see
             :mod:`lopt.kernels.dispatch`. It is not part of the state: a checkpoint saved with
             one backend resumes with any other.
+        nonfinite: ``"skip"`` (default) or ``"raise"``: what a gradient holding NaN or ±inf
+            does, the same on every backend (see :class:`lopt.LearnedOptimizer`).
 
     Meta-weights are shared by all parameters and are not optimizer state: ``state_dict()``
     records their sha256 and source, not the tensors.

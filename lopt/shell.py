@@ -16,9 +16,9 @@ record of the meta-weights and the architecture they belong to.
 
 Where cross-architecture policies go (so they are written once):
 
-* per-gradient checks (e.g. what to do with a non-finite gradient) belong in
-  :meth:`LearnedOptimizer._collect`, which sees every ``(param, grad, state)`` of a group before
-  any architecture math runs;
+* per-gradient checks belong in :meth:`LearnedOptimizer._collect`, which sees every
+  ``(param, grad, state)`` of a group before any architecture math runs; the non-finite
+  gradient policy (:mod:`lopt.nonfinite`) is applied there, so every shell and backend has it;
 * checks of a loaded ``state_dict``'s origin belong in
   :meth:`LearnedOptimizer._check_weights_record`, which sees the saved meta-weights record first.
 """
@@ -34,6 +34,7 @@ import torch
 from torch.optim import Optimizer
 
 from .architecture import Architecture, Theta, get_architecture, theta_sha256
+from .nonfinite import NonFiniteGuard
 from .weights import WeightsSpec, resolve_weights
 
 SHELL_BACKENDS = ("auto", "torch")
@@ -91,6 +92,11 @@ class LearnedOptimizer(Optimizer):
             one backend resumes with any other.
         num_steps: the planned total number of ``step()`` calls, for architectures whose update
             depends on training progress (ignored by the others).
+        nonfinite: what a gradient holding NaN or ±inf does: ``"skip"`` (default) leaves that
+            tensor's parameter, state and step count unchanged for the step, counts it in
+            :attr:`nonfinite_skips` and warns once; ``"raise"`` raises
+            :class:`lopt.NonFiniteGradientError` before anything is updated
+            (:mod:`lopt.nonfinite`).
 
     Meta-weights are shared by all parameters and are not optimizer state: ``state_dict()``
     records their sha256, source and architecture, not the tensors.
@@ -112,6 +118,7 @@ class LearnedOptimizer(Optimizer):
         maximize: bool = False,
         backend: str = "auto",
         num_steps: int | None = None,
+        nonfinite: str = "skip",
     ) -> None:
         if not type(self).architecture:
             raise TypeError(
@@ -122,6 +129,7 @@ class LearnedOptimizer(Optimizer):
         self.backend: str = self.check_backend(backend)
         weight_decay = check_hyper("weight_decay", weight_decay)
         self.num_steps: int | None = check_num_steps(num_steps)
+        self._nonfinite = NonFiniteGuard(nonfinite, type(self).__name__)
         found = resolve_weights(
             weights,
             config,
@@ -162,6 +170,11 @@ class LearnedOptimizer(Optimizer):
         return get_architecture(type(self).architecture)
 
     @property
+    def nonfinite_skips(self) -> int:
+        """Tensor updates skipped so far because their gradient held NaN or ±inf."""
+        return self._nonfinite.skips
+
+    @property
     def theta(self) -> Theta:
         """The meta-weights (float32, on the CPU)."""
         return self._theta_cpu
@@ -184,6 +197,7 @@ class LearnedOptimizer(Optimizer):
             meta_weights_info=self.meta_weights_info,
             backend=self.backend,
             num_steps=self.num_steps,
+            _nonfinite=self._nonfinite,
         )
         return state
 
@@ -193,6 +207,7 @@ class LearnedOptimizer(Optimizer):
         self.__dict__.setdefault("_theta_by_device", {})
         self.__dict__.setdefault("backend", "auto")
         self.__dict__.setdefault("num_steps", None)
+        self.__dict__.setdefault("_nonfinite", NonFiniteGuard("skip", type(self).__name__))
         for group in self.param_groups:
             group.setdefault("weight_decay", 0.0)
             group.setdefault("maximize", False)
@@ -204,9 +219,10 @@ class LearnedOptimizer(Optimizer):
         """The parameters of ``group`` that have a gradient, with lazily created fp32 state.
 
         This is the one place every gradient passes before any architecture's math: checks and
-        policies on gradients that hold for all architectures go here.
+        policies on gradients that hold for all architectures go here. A tensor whose gradient
+        holds NaN or ±inf is left out (or raises), per the ``nonfinite`` policy.
         """
-        work = []
+        found = []
         name = type(self).__name__
         for p in group["params"]:
             if p.grad is None:
@@ -222,12 +238,20 @@ class LearnedOptimizer(Optimizer):
                     f"{name} does not support complex parameters or gradients; optimise "
                     "torch.view_as_real(param) instead"
                 )
+            found.append((p, grad))
+        work = []
+        for p, grad in self._nonfinite.filter(found, self._describe_param):
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state.update(self.arch.init_tensor_state(p, self.config))
             work.append(TensorWork(p, grad, state))
         return work
+
+    def _describe_param(self, item: tuple[torch.Tensor, torch.Tensor]) -> str:
+        params = [p for g in self.param_groups for p in g["params"]]
+        index = next(i for i, p in enumerate(params) if p is item[0])
+        return f"parameter {index} (shape {tuple(item[0].shape)})"
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -239,8 +263,9 @@ class LearnedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            work = self._collect(group)
+        # every group is collected (and checked) before any is updated: a raise changes nothing
+        collected = [(group, self._collect(group)) for group in self.param_groups]
+        for group, work in collected:
             if work:
                 self._update_group(group, work, loss=loss)
         return loss

@@ -62,17 +62,19 @@ def register_ref_resolver(resolver: RefResolver) -> RefResolver:
 
 def resolve_ref(ref: str) -> ResolvedWeights:
     """θ and config of a weights reference (a zoo name), through the registered resolvers."""
+    failed = []
     if not _resolvers:
         for module in REF_RESOLVER_MODULES:
             try:
                 # a `zoo/` folder in the working directory must not stand in for lozoo's zoo
                 shadowing.import_sibling(module)
-            except ImportError:
-                continue
+            except ImportError as err:
+                failed.append(f"; importing {module} failed: {err}")
     if not _resolvers:
         raise RefNotFoundError(
             f"cannot resolve weights reference {ref!r}: no resolver is registered "
             f"(import one of {', '.join(REF_RESOLVER_MODULES)}, or pass a file path or a dict)"
+            + "".join(failed)
         )
     errors = []
     for resolver in _resolvers:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 import lopt
+from lopt.nonfinite import guarded_update
 
 from .schedules import NeverEnding, Schedule
 
@@ -118,6 +119,7 @@ class TaskLanes:
         self.arch = lopt.architecture_of(lopt_config)
         self.stream = task.batches(split, num_streams, stream_seed)
         self._step_all = torch.func.vmap(self._lane_train, randomness="error")
+        self._nonfinite_skips = torch.zeros((), dtype=torch.int64)
         self._grads_all = torch.func.vmap(torch.func.grad_and_value(task.loss), randomness="error")
         if lopt_backend == "cpp" and self.arch.lanes_update is None:
             raise ValueError(
@@ -152,23 +154,31 @@ class TaskLanes:
     def _lane_train(self, theta_flat, params, opt_state, batch, task_cfg):
         theta = lopt.unflatten_theta(theta_flat, self.lopt_config)
         grads, loss = torch.func.grad_and_value(self.task.loss)(params, batch, task_cfg)
-        new_params, new_state = self.arch.update(
+        # a lane's NaN/inf inner gradient skips that tensor's update (lopt.nonfinite)
+        new_params, new_state, skipped = guarded_update(self.arch.update)(
             theta, opt_state, params, grads, self.lopt_config, loss=loss.detach()
         )
-        return new_params, new_state, loss
+        return new_params, new_state, loss, skipped
 
     def step(self, theta_lanes: torch.Tensor, state: TensorTree, batch: TensorTree):
         if self.lopt_backend == "cpp":
             # vmap for the inner gradients; the fused op, lane by lane, for the lopt update.
             grads, loss = self._grads_all(state["params"], batch, state["task_cfg"])
-            params, opt_state = self.arch.lanes_update(
+            params, opt_state, skipped = guarded_update(self.arch.lanes_update, batch_dims=1)(
                 theta_lanes, state["opt_state"], state["params"], grads, self.lopt_config
             )
         else:
-            params, opt_state, loss = self._step_all(
+            params, opt_state, loss, skipped = self._step_all(
                 theta_lanes, state["params"], state["opt_state"], batch, state["task_cfg"]
             )
+        self._nonfinite_skips = self._nonfinite_skips + skipped.sum()  # no host sync here
         return {"params": params, "opt_state": opt_state, "task_cfg": state["task_cfg"]}, loss
+
+    def take_nonfinite_skips(self) -> int:
+        """Tensor updates skipped for a non-finite inner gradient since the last call."""
+        skips = int(self._nonfinite_skips)
+        self._nonfinite_skips = torch.zeros((), dtype=torch.int64)
+        return skips
 
     def normalizer(self, loss: torch.Tensor) -> torch.Tensor:
         return self.task.normalizer(loss)

@@ -8,6 +8,7 @@ estimator), never shipped as tensors (meta_training.md §3, §7).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,9 @@ from .seeding import (
 from .shaping import get_shaping
 from .unroll import TaskLanes, VectorizedUnroll
 
-SUMMED_METRICS = ("inner_steps", "nonfinite_grad", "resets")
+log = logging.getLogger("lozoo.metatrain")
+
+SUMMED_METRICS = ("inner_steps", "nonfinite_grad", "inner_nonfinite_skips", "resets")
 """Counts: totals over estimators and workers. Every other metric is a mean over them."""
 
 
@@ -119,6 +122,7 @@ class Worker:
         self.worker_id = worker_id
         self.generator = torch.Generator().manual_seed(derive_seed(cfg.seed, TAG_WORKER, worker_id))
         self.created = 0  # estimators built so far: seeds every new one uniquely
+        self._warned_nonfinite = False
         self.slot_families = estimator_families(cfg)
         self.estimators: list[Estimator] = []
         self.statics: list[Any] = []
@@ -145,6 +149,16 @@ class Worker:
         for i, est in enumerate(self.estimators):
             seed = derive_seed(self.cfg.seed, TAG_PERTURBATION, step, self.worker_id, i)
             g, m = est.estimate(theta, seed)
+            take = getattr(est.unroll.problem, "take_nonfinite_skips", None)
+            m["inner_nonfinite_skips"] = float(take()) if take is not None else 0.0
+            if m["inner_nonfinite_skips"] and not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                log.warning(
+                    "worker %d, step %d: an inner gradient held NaN/inf; that lane tensor's "
+                    "update was skipped (counted per step as inner_nonfinite_skips; shown once)",
+                    self.worker_id,
+                    step,
+                )
             grads.append(g)
             parts.append(m)
         metrics = aggregate_metrics(parts)
