@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 import lopt
 from lopt.kernels import ops
@@ -57,7 +58,6 @@ def make_optimizer(name: str, backend: str, params, **kwargs):
     arch = lopt.get_architecture(name)
     cfg = arch.preset()
     theta = arch.init_theta(cfg, torch.Generator().manual_seed(0))
-    # a random θ can take tiny steps; scale the output layer so every tensor visibly moves
     return arch.optimizer(params, theta, cfg, backend=backend, num_steps=100, **kwargs)
 
 
@@ -182,21 +182,17 @@ def test_guarded_update_under_vmap_skips_only_the_bad_lane_tensor(name):
     grads = {k: torch.randn((lanes, *s), generator=gen) for k, s in shapes.items()}
     one = {k: v[0] for k, v in params.items()}
     state0 = arch.init_state(one, cfg)
-    state = {
-        "t": state0["t"].expand(lanes).clone(),
-        "tensors": {
-            k: {n: v.expand(lanes, *v.shape).clone() for n, v in st.items()}
-            for k, st in state0["tensors"].items()
-        },
-    }
+    state = tree_map(lambda v: v.expand(lanes, *v.shape).clone(), state0)  # every state key
     grads["w"][1, 2, 3] = float("nan")  # lane 1, tensor w only
 
+    inputs = {"num_steps": 100, "loss": torch.tensor(0.5)}  # for architectures that use them
+
     def plain(theta_flat, st, p, g):
-        return arch.update(lopt.unflatten_theta(theta_flat, cfg), st, p, g, cfg, num_steps=100)
+        return arch.update(lopt.unflatten_theta(theta_flat, cfg), st, p, g, cfg, **inputs)
 
     def guarded(theta_flat, st, p, g):
         return lopt.guarded_update(arch.update)(
-            lopt.unflatten_theta(theta_flat, cfg), st, p, g, cfg, num_steps=100
+            lopt.unflatten_theta(theta_flat, cfg), st, p, g, cfg, **inputs
         )
 
     new_p, new_s, skipped = torch.func.vmap(guarded)(thetas, state, params, grads)

@@ -57,6 +57,7 @@ class VeLO(LearnedOptimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         backend: str = "auto",
+        nonfinite: str = "skip",
     ) -> None:
         num_steps = core.check_num_steps(num_steps)
         if weights is None:
@@ -74,6 +75,7 @@ class VeLO(LearnedOptimizer):
             maximize=maximize,
             backend=backend,
             num_steps=num_steps,
+            nonfinite=nonfinite,
         )
         self.num_steps: int = num_steps
 
