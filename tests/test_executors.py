@@ -95,4 +95,5 @@ def test_counts_add_up_and_other_metrics_average_within_and_across_workers():
     results = [WorkerResult(torch.zeros(1), 0, i, m) for i, m in enumerate((worker, other))]
     across = _average(results)  # across workers: the same rule
     assert across == {"meta_loss": 3.0, "resets": 7.0, "nonfinite_grad": 3.0, "inner_steps": 40.0}
-    assert set(SUMMED_METRICS) == {"inner_steps", "nonfinite_grad", "resets"}
+    counts = {"inner_steps", "nonfinite_grad", "inner_nonfinite_skips", "resets"}
+    assert set(SUMMED_METRICS) == counts
