@@ -8,7 +8,18 @@ from __future__ import annotations
 import torch
 
 from . import core, elo
-from .config import CELO2, CELO2_BASE, ELO_CELO2, NUM_CHANNELS, PYLO_CELO2, VARIANTS, Celo2Config
+from .config import (
+    CELO2,
+    CELO2_BASE,
+    ELO_CELO2,
+    NUM_CHANNELS,
+    PYLO_CELO2,
+    VARIANTS,
+    Celo2BaseConfig,
+    Celo2Config,
+    EloCelo2Config,
+    PyloCelo2Config,
+)
 from .core import init_state, init_tensor_state, newton_schulz, routes_to_adam, update
 from .elo import ELO, EloConfig
 from .theta import flatten_theta, init_mlp_theta, unflatten_theta, validate_theta
@@ -32,7 +43,10 @@ __all__ = [
     "ELO_CELO2",
     "PYLO_CELO2",
     "VARIANTS",
+    "Celo2BaseConfig",
     "Celo2Config",
+    "EloCelo2Config",
+    "PyloCelo2Config",
     "EloConfig",
     "core",
     "elo",

@@ -15,7 +15,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 Layout = Literal["torch", "as_stored"]
 AdamForm = Literal["meta", "adamw"]
@@ -54,6 +54,8 @@ class Celo2Config:
         step_mult: the learned direction has unit RMS per matrix; the step is
             ``lr · step_mult · u`` so that ``lr = 1`` is the meta-training step size (1e-3).
     """
+
+    architecture: ClassVar[str] = "celo2"
 
     orthogonalize: bool = True
     adam_for_1d: bool = True
@@ -153,22 +155,44 @@ class Celo2Config:
         return cls.from_dict(json.loads(text))
 
 
+@dataclass(frozen=True)
+class Celo2BaseConfig(Celo2Config):
+    """Celo2-base: the learned rule on every tensor, no orthogonalisation, no Adam branch."""
+
+    architecture: ClassVar[str] = "celo2_base"
+
+    orthogonalize: bool = False
+    adam_for_1d: bool = False
+    adam_name_pattern: str | None = None
+    adam_lr_mult: float = 1.0
+
+
+@dataclass(frozen=True)
+class PyloCelo2Config(Celo2Config):
+    """PyLO's CELO2: bias-corrected AdamW (β 0.9/0.95, lr × 1) for rank <= 1 tensors and
+    embeddings, ±1000 clip on every gradient."""
+
+    architecture: ClassVar[str] = "pylo_celo2"
+
+    adam_form: AdamForm = "adamw"
+    adam_lr_mult: float = 1.0
+    clip_adam_grads: bool = True
+
+
+@dataclass(frozen=True)
+class EloCelo2Config(PyloCelo2Config):
+    """PyLO's ELO_CELO2: PyLO's CELO2 with global-norm gradient clipping at 1.0."""
+
+    architecture: ClassVar[str] = "elo_celo2"
+
+    global_clip_norm: float | None = 1.0
+
+
 CELO2 = Celo2Config()
 """lozoo's Celo2: NS on, rank <= 1 and embeddings to the reference's meta-training Adam (×20)."""
-
-CELO2_BASE = Celo2Config(
-    orthogonalize=False, adam_for_1d=False, adam_name_pattern=None, adam_lr_mult=1.0
-)
-"""Celo2-base: the learned rule on every tensor, no orthogonalisation, no Adam branch."""
-
-PYLO_CELO2 = Celo2Config(adam_form="adamw", adam_lr_mult=1.0, clip_adam_grads=True)
-"""PyLO's CELO2: bias-corrected AdamW (β 0.9/0.95, lr×1) for rank <= 1 and embeddings, ±1000 clip
-on every gradient."""
-
-ELO_CELO2 = Celo2Config(
-    adam_form="adamw", adam_lr_mult=1.0, clip_adam_grads=True, global_clip_norm=1.0
-)
-"""PyLO's ELO_CELO2: PyLO's CELO2 with global-norm clipping at 1.0 (its weights differ)."""
+CELO2_BASE = Celo2BaseConfig()
+PYLO_CELO2 = PyloCelo2Config()
+ELO_CELO2 = EloCelo2Config()
 
 VARIANTS: dict[str, Celo2Config] = {
     "celo2": CELO2,
@@ -176,3 +200,4 @@ VARIANTS: dict[str, Celo2Config] = {
     "pylo_celo2": PYLO_CELO2,
     "elo_celo2": ELO_CELO2,
 }
+"""The default config of each Celo2-family architecture, by registry name."""

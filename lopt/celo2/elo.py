@@ -16,7 +16,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -30,6 +30,8 @@ TensorState = dict[str, torch.Tensor]
 class EloConfig:
     """ELO's fixed configuration. ``tie_break`` as in small_fc_lopt ("first": the reference
     rule on PyTorch-layout tensors; "last": the rule on the tensor as stored, like PyLO)."""
+
+    architecture: ClassVar[str] = "elo"
 
     hidden_size: int = 32
     step_mult: float = 1e-3
