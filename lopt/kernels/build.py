@@ -31,8 +31,14 @@ import torch
 
 CPU_LIB = "lozoo_cpu"
 CUDA_LIB = "lozoo_cuda"
-HEADERS = ("small_fc_math.h", "small_fc_geometry.h", "small_fc_checks.h", "velo_math.h")
-CPU_SOURCES = ("small_fc_cpu.cpp", "small_fc_cpu_simd.h", "velo_cpu.cpp")
+HEADERS = (
+    "small_fc_math.h",
+    "small_fc_geometry.h",
+    "small_fc_checks.h",
+    "velo_math.h",
+    "celo2_math.h",
+)
+CPU_SOURCES = ("small_fc_cpu.cpp", "small_fc_cpu_simd.h", "velo_cpu.cpp", "celo2_cpu.cpp")
 CUDA_SOURCES = ("small_fc_cuda.cpp", "small_fc_cuda.cu", "small_fc_cuda.h", "velo_cuda.cu")
 CPU_CFLAGS = (
     "-O3",

@@ -1,0 +1,85 @@
+// Per-element math of the Celo2 learned rule shared by the CPU kernel (celo2_cpu.cpp) and the
+// CUDA kernel (celo2_cuda.cu), so both compute the same features in the same order
+// (design: docs/design/celo2.md). Everything is float32.
+#pragma once
+
+#if defined(__CUDACC__)
+#define LOZOO_C2_HD __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define LOZOO_C2_HD inline __attribute__((always_inline))
+#endif
+
+namespace lozoo::celo2 {
+
+constexpr int kChannels = 30;
+constexpr int kChannels1d = 15;
+constexpr int kHidden = 8;
+constexpr float kGradClip = 1000.0f;
+constexpr float kFeatureClip = 0.1f;
+constexpr float kEpsSafe = 1e-9f;
+constexpr float kEpsRsqrt = 1e-8f;
+
+LOZOO_C2_HD float clampf(float x, float lo, float hi) {
+  // NaN passes through, as torch.clamp does.
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+LOZOO_C2_HD float rsqrt_f(float x) { return 1.0f / sqrtf(x); }
+
+LOZOO_C2_HD float safe_rsqrt_f(float x) { return rsqrt_f(x < kEpsSafe ? kEpsSafe : x); }
+
+// Row/column statistics per k: [stat_k (3), rsqrt(stat_k + 1e-8) (3), factor_k (3)], where the
+// factor is ρ_k for rows and κ_k for columns.
+constexpr int kStatWidth = 9;
+
+// The 30 (or 15) raw channels of one element in w0's row order. `row`/`col` point at the
+// element's 9 row/column statistics (rank >= 2); `diag` at its 3 diagonal second moments
+// (rank <= 1, then row/col are null).
+LOZOO_C2_HD void features(float g_raw, float p, const float* m, float v, const float* row,
+                          const float* col, const float* diag, float* x) {
+  const float g = clampf(g_raw, -kGradClip, kGradClip);
+  const float r = rsqrt_f(v + kEpsRsqrt);
+  x[0] = g;
+  x[1] = clampf(g, -kFeatureClip, kFeatureClip);
+  x[2] = p;
+  x[6] = v;
+  x[10] = r;
+  x[14] = g * r;
+  for (int k = 0; k < 3; ++k) {
+    x[3 + k] = m[k];
+    x[7 + k] = m[k] * r;
+  }
+  if (row != nullptr) {
+    for (int k = 0; k < 3; ++k) {
+      const float both = row[6 + k] * col[6 + k];
+      x[11 + k] = g * both;
+      x[15 + k] = row[k];
+      x[18 + k] = col[k];
+      x[21 + k] = row[3 + k];
+      x[24 + k] = col[3 + k];
+      x[27 + k] = m[k] * both;
+    }
+  } else {
+    for (int k = 0; k < 3; ++k) x[11 + k] = g * safe_rsqrt_f(diag[k] + kEpsSafe);
+  }
+}
+
+// Output 0 of the 30 → 8 → 8 → 3 ReLU MLP; w0 has the normalisation folded in (channels × 8),
+// w2c is column 0 of w2 and b2c = b2[0].
+LOZOO_C2_HD float mlp_direction(const float* x, int channels, const float* w0, const float* b0,
+                                const float* w1, const float* b1, const float* w2c, float b2c) {
+  float h1[kHidden];
+  for (int o = 0; o < kHidden; ++o) h1[o] = b0[o];
+  for (int c = 0; c < channels; ++c)
+    for (int o = 0; o < kHidden; ++o) h1[o] += x[c] * w0[c * kHidden + o];
+  float out = b2c;
+  for (int o = 0; o < kHidden; ++o) {
+    float h2 = b1[o];
+    for (int i = 0; i < kHidden; ++i) h2 += (h1[i] > 0.0f ? h1[i] : 0.0f) * w1[i * kHidden + o];
+    out += (h2 > 0.0f ? h2 : 0.0f) * w2c[o];
+  }
+  return out;
+}
+
+}  // namespace lozoo::celo2
