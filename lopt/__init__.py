@@ -64,6 +64,7 @@ __all__ = [
     "SmallFCLOpt",
     "UnknownArchitectureError",
     "architecture_names",
+    "celo2",
     "architecture_of",
     "config_from_dict",
     "effective_decays",
@@ -90,3 +91,6 @@ __all__ = [
     "update",
     "validate_theta",
 ]
+
+# Registers celo2, celo2_base, pylo_celo2, elo_celo2 and elo (after the seam it builds on).
+from . import celo2  # noqa: E402

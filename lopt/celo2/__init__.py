@@ -5,14 +5,11 @@ Design and layout decisions: docs/design/celo2.md.
 
 from __future__ import annotations
 
-import torch
-
 from . import core, elo
 from .config import (
     CELO2,
     CELO2_BASE,
     ELO_CELO2,
-    NUM_CHANNELS,
     PYLO_CELO2,
     VARIANTS,
     Celo2BaseConfig,
@@ -22,30 +19,26 @@ from .config import (
 )
 from .core import init_state, init_tensor_state, newton_schulz, routes_to_adam, update
 from .elo import ELO, EloConfig
-from .theta import flatten_theta, init_mlp_theta, unflatten_theta, validate_theta
-
-
-def init_theta(cfg: Celo2Config, generator: torch.Generator | None = None) -> dict:
-    """Fresh Celo2 θ (float32): every weight std·z, z normal truncated to ±2, std 1/sqrt(fan_in)
-    with fan-in 30 for all of ``w0``; biases zero."""
-    return init_mlp_theta(cfg, NUM_CHANNELS, generator)
-
-
-def init_elo_theta(cfg: EloConfig, generator: torch.Generator | None = None) -> dict:
-    """Fresh ELO θ (float32), initialised like small_fc_lopt's MLP."""
-    return init_mlp_theta(cfg, cfg.theta_shapes()["w0"][0], generator)
-
+from .optimizer import Celo2, Celo2Base, Elo, EloCelo2, PyloCelo2
+from .registry import ARCHITECTURES, init_elo_theta, init_theta
+from .theta import flatten_theta, unflatten_theta, validate_theta
 
 __all__ = [
+    "ARCHITECTURES",
     "CELO2",
     "CELO2_BASE",
     "ELO",
     "ELO_CELO2",
     "PYLO_CELO2",
     "VARIANTS",
+    "Celo2",
+    "Celo2Base",
     "Celo2BaseConfig",
     "Celo2Config",
+    "Elo",
+    "EloCelo2",
     "EloCelo2Config",
+    "PyloCelo2",
     "PyloCelo2Config",
     "EloConfig",
     "core",

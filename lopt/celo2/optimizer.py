@@ -1,0 +1,172 @@
+"""``torch.optim`` shells of the Celo2 family and ELO, on :class:`lopt.LearnedOptimizer`.
+
+The base class owns weights resolution, param groups, schedulers, ``maximize``, ``state_dict``
+resume and the meta-weights record; these shells add the compiled backends and, for the Celo2
+family, the Adam branch and a per-group routing option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from .. import kernels as small_fc_kernels
+from ..architecture import Theta
+from ..core import factored_dims
+from ..shell import LearnedOptimizer, TensorWork
+from . import core, fused
+
+BACKENDS = ("auto", "torch", "cpp", "cuda")
+
+
+def _check_backend(cls: type, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {backend!r} for {cls.__name__}; valid backends: "
+            + ", ".join(repr(b) for b in BACKENDS)
+        )
+    return backend
+
+
+class Celo2(LearnedOptimizer):
+    r"""Celo2 (Moudgil, Knyazev, Belilovsky, ICLR 2026): a learned per-element rule whose matrix
+    updates are Newton–Schulz orthogonalised and rescaled to unit RMS (docs/design/celo2.md)::
+
+        learned tensors:       p ← p·(1 − lr·wd) − lr·step_mult·u          (RMS of u = 1)
+        Adam-branch tensors:   the same with lr·adam_lr_mult for lr
+
+    With the default ``step_mult = 1e-3``, ``lr = 1`` is the meta-training step size; ``lr`` is a
+    multiplier every ``lr_scheduler`` can drive (PyLO's ``lr = x`` is ``lr = x / 1e-3`` here).
+
+    Tensors of rank <= 1 and parameters whose group sets ``adam=True`` take the Adam branch (as
+    the config routes them); ``adam=False`` in a group forces the learned rule. Embeddings are
+    recognised by name only in the functional :func:`lopt.celo2.update`; the optimizer sees no
+    names, so put them in a group with ``adam=True``::
+
+        Celo2([{"params": body}, {"params": model.embed.parameters(), "adam": True}], theta)
+
+    Args: as :class:`lopt.LearnedOptimizer`; ``backend`` is ``"auto"`` (the compiled kernel of
+    each parameter's device when it is available, else the torch path with one warning),
+    ``"torch"``, ``"cpp"`` or ``"cuda"``.
+    """
+
+    architecture: ClassVar[str] = "celo2"
+
+    @classmethod
+    def check_backend(cls, backend: str) -> str:
+        backend = _check_backend(cls, backend)
+        if backend in ("cpp", "cuda"):
+            device = "cpu" if backend == "cpp" else "cuda"
+            if not fused.op_is_available(device):
+                raise RuntimeError(
+                    f"backend={backend!r} is unavailable: {fused.unavailable_reason(device)}; "
+                    "run `python -m lopt.kernels build` to see the build log, or use "
+                    "backend='torch'"
+                )
+        return backend
+
+    def _collect(self, group: dict[str, Any]) -> list[TensorWork]:
+        if "adam" in group:
+            if not isinstance(group["adam"], bool):
+                raise ValueError(
+                    f"param group option 'adam' must be True or False, got {group['adam']!r}"
+                )
+            for p in group["params"]:
+                if p.grad is not None and len(self.state[p]) == 0:
+                    state = self.state[p]
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state.update(core.init_tensor_state(p, self.config, adam=group["adam"]))
+        return super()._collect(group)
+
+    def _args_on(self, device: torch.device) -> list[torch.Tensor]:
+        cache = self.__dict__.setdefault("_args_by_device", {})
+        if device not in cache:
+            cache[device] = fused.theta_args(self._theta_on(device))
+        return cache[device]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_args_by_device", None)
+        return state
+
+    def _update_group(
+        self, group: dict[str, Any], work: list[TensorWork], *, loss: Any = None
+    ) -> None:
+        cfg = self.config
+        lr, wd = group["lr"], group["weight_decay"]
+        grads = [-w.grad if group["maximize"] else w.grad for w in work]
+        if cfg.global_clip_norm is not None:  # over this group's gradients
+            scale = core.global_clip_scale(dict(enumerate(grads)), cfg.global_clip_norm)
+            grads = [g.float() * scale.to(g.device) for g in grads]
+        for w, grad in zip(work, grads):
+            if core.is_adam_state(w.state):
+                t = (w.state["step"] + 1).to(w.param.device)
+                fused.step_adam_(w.param, grad, w.state, t, cfg, lr=lr, weight_decay=wd)
+            else:
+                use_kernel = fused.resolve_backend(self.backend, w.param.device) == "kernel"
+                theta = self._theta_on(w.param.device)
+                args = self._args_on(w.param.device) if use_kernel else None
+                fused.step_learned_(theta, args, w.param, grad, w.state, cfg, lr=lr,
+                                    weight_decay=wd, use_kernel=use_kernel)  # fmt: skip
+            w.state["step"] += 1
+
+
+class Celo2Base(Celo2):
+    """Celo2-base: the learned rule on every tensor, no orthogonalisation (see :class:`Celo2`)."""
+
+    architecture: ClassVar[str] = "celo2_base"
+
+
+class PyloCelo2(Celo2):
+    """PyLO's CELO2 (bias-corrected AdamW branch, ±1000 clip everywhere); see :class:`Celo2`."""
+
+    architecture: ClassVar[str] = "pylo_celo2"
+
+
+class EloCelo2(Celo2):
+    """PyLO's ELO_CELO2 (PyLO's CELO2 with global-norm clipping at 1.0 per param group)."""
+
+    architecture: ClassVar[str] = "elo_celo2"
+
+
+class Elo(LearnedOptimizer):
+    r"""PyLO's ELO: small_fc_lopt's per-element rule with a 32-unit MLP and fixed decays::
+
+        p ← p·(1 − lr·wd) − lr·step_mult·d·exp(exp_mult·m)
+
+    ``lr = 1`` is PyLO's peak ``step_mult = 1e-3``; PyLO's built-in warm-up is not part of the
+    rule (drive ``lr`` with a scheduler). The compiled backends are small_fc_lopt's kernels.
+    """
+
+    architecture: ClassVar[str] = "elo"
+
+    @classmethod
+    def check_backend(cls, backend: str) -> str:
+        _check_backend(cls, backend)
+        return small_fc_kernels.check_backend(backend)
+
+    def _update_group(
+        self, group: dict[str, Any], work: list[TensorWork], *, loss: Any = None
+    ) -> None:
+        cfg = self.config
+        sfc = cfg.small_fc_config()
+        prepared: dict[torch.device, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        for p, grad, state in work:
+            if p.device not in prepared:
+                theta: Theta = self._theta_on(p.device)
+                decays = torch.cat(cfg.decays(p)).contiguous()
+                layers = [theta[k].contiguous() for k in ("w0", "b0", "w1", "b1", "w2", "b2")]
+                prepared[p.device] = decays, layers
+            decays, layers = prepared[p.device]
+            d1, d0 = factored_dims(p.shape, sfc.tie_break) or (-1, -1)
+            step_fn = small_fc_kernels.step_function(self.backend, p.device)
+            target = p if p.is_contiguous() else p.contiguous()
+            step_fn(
+                target, grad, state["m"], state["v"], state.get("r"), state.get("c"),
+                state.get("vd"), decays, layers, d1, d0, float(state["step"]), group["lr"],
+                group["weight_decay"], cfg.step_mult, cfg.exp_mult, group["maximize"],
+            )  # fmt: skip
+            if target is not p:
+                p.copy_(target)
+            state["step"] += 1

@@ -1,0 +1,254 @@
+"""The Celo2-family and ELO optimizers: the optimizer contract, table-driven over the five
+registered architectures, plus routing, bad input, backends and the compiled kernel's parity."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import lopt
+from lopt import celo2
+from lopt.celo2 import core, fused
+
+NAMES = ("celo2", "celo2_base", "pylo_celo2", "elo_celo2", "elo")
+SHAPES = [(), (7,), (6, 6), (5, 9), (3, 2, 4), (4, 4, 3, 3), (8, 3, 5, 5)]
+
+
+def make_theta(name: str, seed: int = 0) -> dict:
+    arch = lopt.get_architecture(name)
+    theta = arch.init_theta(arch.preset(), torch.Generator().manual_seed(seed))
+    return {k: 2 * v for k, v in theta.items()}
+
+
+def params_of(shapes, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+
+
+def set_grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def run(name, shapes, steps=3, seed=0, **kwargs):
+    params = params_of(shapes, seed)
+    opt = lopt.get_architecture(name).optimizer(params, make_theta(name), **kwargs)
+    for k in range(steps):
+        set_grads(params, 100 + k)
+        opt.step()
+    return params, opt
+
+
+# -- registry ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_registered_with_config_theta_and_shell(name):
+    arch = lopt.get_architecture(name)
+    cfg = arch.preset()
+    assert type(cfg).architecture == name and arch.optimizer.architecture == name
+    assert type(cfg).from_json(cfg.to_json()) == cfg
+    theta = arch.init_theta(cfg)
+    assert {k: tuple(v.shape) for k, v in theta.items()} == cfg.theta_shapes()
+    assert sum(v.numel() for v in theta.values()) == cfg.num_params
+    assert cfg.num_params == (2402 if name == "elo" else 347)
+    assert name in arch.summary(cfg).lower()
+
+
+# -- the optimizer contract -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_scales_the_step_and_weight_decay_is_decoupled(name):
+    shapes = [(6, 5)]
+    before = params_of(shapes)[0].detach()
+    full, _ = run(name, shapes, steps=1, backend="torch")
+    half, _ = run(name, shapes, steps=1, backend="torch", lr=0.5)
+    decayed, _ = run(name, shapes, steps=1, backend="torch", lr=0.5, weight_decay=0.1)
+    torch.testing.assert_close(half[0] - before, 0.5 * (full[0] - before))
+    torch.testing.assert_close(decayed[0] - half[0], -0.05 * before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_maximize_steps_along_the_gradient(name):
+    params = params_of([(5, 4), (5,)])
+    flipped = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    cls = lopt.get_architecture(name).optimizer
+    opt = cls(params, make_theta(name), maximize=True, backend="torch")
+    ref = cls(flipped, make_theta(name), backend="torch")
+    for k in range(2):
+        set_grads(params, k)
+        set_grads(flipped, k)
+        for p in flipped:
+            p.grad.neg_()
+        opt.step()
+        ref.step()
+    for a, b in zip(params, flipped):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_closure_loss_is_returned_and_a_scheduler_drives_lr(name):
+    params = params_of([(4, 3)])
+    opt = lopt.get_architecture(name).optimizer(params, make_theta(name), backend="torch")
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    steps = []
+    for _ in range(3):
+        before = params[0].detach().clone()
+        set_grads(params, 0)
+        loss = opt.step(lambda: torch.tensor(2.5))
+        assert float(loss) == 2.5
+        steps.append((params[0] - before).detach())
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.125)
+    if name != "elo":  # a learned matrix step has RMS lr · step_mult exactly
+        rms = [s.square().mean().sqrt().item() for s in steps]
+        assert rms == pytest.approx([1e-3, 0.5e-3, 0.25e-3], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_resumes_identically(name):
+    params, opt = run(name, SHAPES, steps=2, backend="torch")
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["meta_weights"]["architecture"] == name
+    clone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = lopt.get_architecture(name).optimizer(clone, make_theta(name), backend="torch")
+    resumed.load_state_dict(saved)
+    for p, q in ((params, opt), (clone, resumed)):
+        set_grads(p, 7)
+        q.step()
+    for a, b in zip(params, clone):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", ["celo2", "celo2_base", "pylo_celo2", "elo_celo2"])
+def test_shell_equals_the_functional_update(name):
+    arch = lopt.get_architecture(name)
+    params, opt = run(name, SHAPES, steps=3, backend="torch", lr=0.7, weight_decay=0.05)
+    named = {f"p{i}": p.detach() for i, p in enumerate(params_of(SHAPES))}
+    state = arch.init_state(named, arch.preset())
+    for k in range(3):
+        grads = {f"p{i}": g.grad for i, g in enumerate(_grads_like(named, 100 + k))}
+        named, state = arch.update(make_theta(name), state, named, grads, arch.preset(), lr=0.7,
+                                   weight_decay=0.05)  # fmt: skip
+    for i, p in enumerate(params):
+        torch.testing.assert_close(p.detach(), named[f"p{i}"], atol=1e-6, rtol=1e-6)
+
+
+def _grads_like(named, seed):
+    holders = [torch.nn.Parameter(v.clone()) for v in named.values()]
+    set_grads(holders, seed)
+    return holders
+
+
+# -- routing, bad input ---------------------------------------------------------------------------
+def test_group_option_routes_to_adam_or_to_the_rule():
+    emb, bias = params_of([(10, 4), (4,)])
+    opt = celo2.Celo2([{"params": [emb], "adam": True}, {"params": [bias], "adam": False}],
+                      make_theta("celo2"), backend="torch")  # fmt: skip
+    set_grads([emb, bias], 0)
+    opt.step()
+    assert core.is_adam_state(opt.state[emb]) and not core.is_adam_state(opt.state[bias])
+    with pytest.raises(ValueError, match="param group option 'adam' must be True or False"):
+        bad = celo2.Celo2([{"params": params_of([(3, 3)]), "adam": "yes"}], make_theta("celo2"))
+        set_grads(bad.param_groups[0]["params"], 0)
+        bad.step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rank_0_to_4_and_tied_shapes_step_finitely(name):
+    params, opt = run(name, SHAPES + [(2, 2, 2, 2)], steps=2, backend="torch")
+    assert all(torch.isfinite(p).all() for p in params)
+    assert all(float(opt.state[p]["step"]) == 2 for p in params)
+
+
+@pytest.mark.parametrize("name", ["celo2", "celo2_base", "pylo_celo2"])
+def test_infinite_gradient_is_clipped_and_nan_stays_in_its_tensor(name):
+    params = params_of([(5, 4), (6, 3)])
+    opt = lopt.get_architecture(name).optimizer(params, make_theta(name), backend="torch")
+    set_grads(params, 0)
+    params[0].grad[0, 0] = float("inf")
+    params[1].grad[0, 0] = float("nan")
+    opt.step()
+    assert torch.isfinite(params[0]).all()  # the ±1000 clip of the learned branch
+    assert torch.isnan(params[1]).any()  # the reference lets NaN through (no clip can fix it)
+
+
+def test_bf16_parameters_step_in_float32():
+    params = params_of([(8, 6)], dtype=torch.bfloat16)
+    ref = [torch.nn.Parameter(params[0].detach().float())]
+    for group, dtype in ((params, torch.bfloat16), (ref, torch.float32)):
+        opt = celo2.Celo2(group, make_theta("celo2"), backend="torch")
+        set_grads(group, 0)
+        group[0].grad = group[0].grad.to(dtype)
+        opt.step()
+    assert params[0].dtype == torch.bfloat16
+    torch.testing.assert_close(params[0].float(), ref[0].detach().bfloat16().float())
+
+
+def test_backend_errors_name_the_problem(monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend 'gpu' for Celo2; valid backends"):
+        celo2.Celo2(params_of([(3, 3)]), make_theta("celo2"), backend="gpu")
+    monkeypatch.setattr(fused, "op_is_available", lambda device="cpu": False)
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+        celo2.Celo2(params_of([(3, 3)]), make_theta("celo2"), backend="cuda")
+
+
+def test_auto_falls_back_loudly_when_the_kernel_is_missing(monkeypatch):
+    monkeypatch.setattr(fused, "op_is_available", lambda device="cpu": False)
+    monkeypatch.setattr(fused, "_warned", set())
+    with pytest.warns(UserWarning, match="no compiled Celo2 kernel for cpu tensors"):
+        monkeypatch.setattr(fused, "_warned", set())
+        run("celo2", [(4, 4)], steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run("celo2", [(4, 4)], steps=1)  # once per process and device type
+
+
+# -- the compiled CPU kernel ------------------------------------------------------------------
+needs_cpp = pytest.mark.skipif(not fused.op_is_available("cpu"), reason="CPU kernel not built")
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["celo2", "celo2_base", "elo_celo2", "elo"])
+def test_cpp_backend_matches_torch_backend(name):
+    shapes = SHAPES + [(5, 5, 3, 2), (64, 33), (16, 16)]
+    a, _ = run(name, shapes, steps=4, backend="torch")
+    b, _ = run(name, shapes, steps=4, backend="cpp")
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("orthogonalize", [False, True])
+@pytest.mark.parametrize("shape", [(1,), (9,), (6, 6), (5, 9), (9, 5), (2, 3, 8), (3, 3, 16, 8)])
+def test_kernel_direction_matches_the_core(shape, orthogonalize):
+    import dataclasses
+
+    cfg = dataclasses.replace(celo2.CELO2_BASE, layout="as_stored")
+    theta = make_theta("celo2", 3)
+    args = fused.theta_args(theta)
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(shape, generator=gen)
+    want_state = core.init_tensor_state(p, cfg, adam=False)
+    got_state = {k: v.clone() for k, v in want_state.items()}
+    for t in range(4):
+        g = torch.randn(shape, generator=gen) * 10.0 ** (t - 2)
+        want, want_state = core.reference_direction(theta, p, g, want_state, orthogonalize)
+        got = fused.kernel_direction_(args, p, g, got_state, orthogonalize)
+        torch.testing.assert_close(got, want, atol=2e-4 if orthogonalize else 2e-5, rtol=0)
+        for k in want_state:
+            torch.testing.assert_close(got_state[k], want_state[k])
+
+
+@needs_cpp
+def test_kernel_rejects_bad_arguments_with_the_reason():
+    args = fused.theta_args(make_theta("celo2"))
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(RuntimeError, match="celo2_direction: m has shape"):
+        torch.ops.lozoo.celo2_direction(x, x, torch.zeros(1, 2, 3, 2), x,
+                                        torch.zeros(1, 2, 9), torch.zeros(1, 3, 9), None,
+                                        *args, True)  # fmt: skip
+    with pytest.raises(RuntimeError, match="pass row_stats and col_stats"):
+        torch.ops.lozoo.celo2_direction(x, x, torch.zeros(1, 2, 3, 3), x, None, None, None,
+                                        *args, True)  # fmt: skip
