@@ -252,3 +252,48 @@ def test_kernel_rejects_bad_arguments_with_the_reason():
     with pytest.raises(RuntimeError, match="pass row_stats and col_stats"):
         torch.ops.lozoo.celo2_direction(x, x, torch.zeros(1, 2, 3, 3), x, None, None, None,
                                         *args, True)  # fmt: skip
+
+
+# -- the CUDA kernel (runs where a device is present; CI compiles it with nvcc) ----------------
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not fused.op_is_available("cuda"),
+    reason="needs a CUDA device and the compiled CUDA kernel",
+)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("orthogonalize", [False, True])
+@pytest.mark.parametrize("shape", [(1,), (9,), (6, 6), (5, 9), (9, 5), (2, 3, 8), (3, 3, 16, 8)])
+def test_cuda_kernel_direction_matches_the_core(shape, orthogonalize):
+    import dataclasses
+
+    cfg = dataclasses.replace(celo2.CELO2_BASE, layout="as_stored")
+    theta = {k: v.cuda() for k, v in make_theta("celo2", 3).items()}
+    args = fused.theta_args(theta)
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(shape, generator=gen).cuda()
+    want_state = core.init_tensor_state(p, cfg, adam=False)
+    got_state = {k: v.clone() for k, v in want_state.items()}
+    for t in range(4):
+        g = (torch.randn(shape, generator=gen) * 10.0 ** (t - 2)).cuda()
+        want, want_state = core.reference_direction(theta, p, g, want_state, orthogonalize)
+        got = fused.kernel_direction_(args, p, g, got_state, orthogonalize)
+        torch.testing.assert_close(got, want, atol=2e-4 if orthogonalize else 2e-5, rtol=0)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("name", ["celo2", "pylo_celo2", "elo"])
+def test_cuda_backend_matches_torch_backend_on_the_device(name):
+    shapes = SHAPES + [(5, 5, 3, 2), (64, 33)]
+    results = []
+    for backend in ("torch", "cuda"):
+        params = [torch.nn.Parameter(p.detach().cuda()) for p in params_of(shapes)]
+        opt = lopt.get_architecture(name).optimizer(params, make_theta(name), backend=backend)
+        for k in range(3):
+            set_grads(params, 100 + k)
+            opt.step()
+        results.append(params)
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, atol=5e-6, rtol=0)

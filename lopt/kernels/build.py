@@ -39,7 +39,13 @@ HEADERS = (
     "celo2_math.h",
 )
 CPU_SOURCES = ("small_fc_cpu.cpp", "small_fc_cpu_simd.h", "velo_cpu.cpp", "celo2_cpu.cpp")
-CUDA_SOURCES = ("small_fc_cuda.cpp", "small_fc_cuda.cu", "small_fc_cuda.h", "velo_cuda.cu")
+CUDA_SOURCES = (
+    "small_fc_cuda.cpp",
+    "small_fc_cuda.cu",
+    "small_fc_cuda.h",
+    "velo_cuda.cu",
+    "celo2_cuda.cu",
+)
 CPU_CFLAGS = (
     "-O3",
     "-fopenmp",

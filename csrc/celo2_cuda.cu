@@ -1,0 +1,162 @@
+// CUDA kernel of lozoo::celo2_direction (the CPU library, celo2_cpu.cpp, defines the op and
+// documents its arguments). Two launches on the current stream: per-slice, per-channel sums of
+// squares (one double atomic per warp, slice and channel), then one thread per element:
+// features → MLP with the slice's normaliser folded into w0 → direction. The fold runs as ATen ops
+// on the device in between, so nothing syncs the host. The per-element math is celo2_math.h,
+// shared with the CPU kernel.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "celo2_math.h"
+
+namespace lozoo::celo2 {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct View {
+  const float* g;
+  const float* p;
+  const float* m;
+  const float* v;
+  const float* row;   // (L, KR, 9) or null
+  const float* col;   // (L, KC, 9) or null
+  const float* diag;  // (N, 3) or null
+  int64_t L, R, C;
+  int64_t kr, kc;  // lengths of the row/column statistics per slice
+  bool row_by_i;
+};
+
+__device__ __forceinline__ void element_features(const View& s, int64_t e, float* x) {
+  const int64_t per_slice = s.R * s.C;
+  const int64_t l = e / per_slice;
+  const int64_t rem = e - l * per_slice;
+  const int64_t i = rem / s.C;
+  const int64_t j = rem - i * s.C;
+  const float* row = nullptr;
+  const float* col = nullptr;
+  if (s.row != nullptr) {
+    row = s.row + (l * s.kr + (s.row_by_i ? i : j)) * kStatWidth;
+    col = s.col + (l * s.kc + (s.row_by_i ? j : i)) * kStatWidth;
+  }
+  features(s.g[e], s.p[e], s.m + 3 * e, s.v[e], row, col, s.diag ? s.diag + 3 * e : nullptr, x);
+}
+
+__global__ void sums_kernel(View s, int channels, double* sums) {
+  // Each block stays within one slice: blocks are laid out per slice (grid.y = slice).
+  const int64_t l = blockIdx.y;
+  const int64_t per_slice = s.R * s.C;
+  float acc[kChannels];
+#pragma unroll
+  for (int c = 0; c < kChannels; ++c) acc[c] = 0.0f;
+  float x[kChannels];
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < per_slice;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    element_features(s, l * per_slice + k, x);
+#pragma unroll
+    for (int c = 0; c < kChannels; ++c)
+      if (c < channels) acc[c] += x[c] * x[c];
+  }
+  for (int c = 0; c < channels; ++c) {
+    double value = acc[c];
+    for (int offset = 16; offset > 0; offset /= 2)
+      value += __shfl_down_sync(0xffffffffu, value, offset);
+    if ((threadIdx.x & 31) == 0) atomicAdd(sums + l * kChannels + c, value);
+  }
+}
+
+__global__ void direction_kernel(View s, int channels, const float* w0s, const float* b0,
+                                 const float* w1, const float* b1, const float* w2,
+                                 const float* b2, float* out) {
+  const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t n = s.L * s.R * s.C;
+  if (e >= n) return;
+  float x[kChannels];
+  element_features(s, e, x);
+  float w2c[kHidden];
+#pragma unroll
+  for (int o = 0; o < kHidden; ++o) w2c[o] = w2[o * 3];
+  const int64_t l = e / (s.R * s.C);
+  out[e] = mlp_direction(x, channels, w0s + l * kChannels * kHidden, b0, w1, b1, w2c, b2[0]);
+}
+
+void check_cuda_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
+  TORCH_CHECK(t.is_cuda(), "celo2_direction: ", name, " must be on a CUDA device, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "celo2_direction: ", name,
+              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "celo2_direction: ", name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == shape, "celo2_direction: ", name, " has shape ", t.sizes(),
+              ", expected ", shape);
+}
+
+at::Tensor celo2_direction_cuda(const at::Tensor& grad, const at::Tensor& param,
+                                const at::Tensor& m, const at::Tensor& v,
+                                const std::optional<at::Tensor>& row_stats,
+                                const std::optional<at::Tensor>& col_stats,
+                                const std::optional<at::Tensor>& v_diag, const at::Tensor& w0,
+                                const at::Tensor& b0, const at::Tensor& w1, const at::Tensor& b1,
+                                const at::Tensor& w2, const at::Tensor& b2, bool row_by_i) {
+  TORCH_CHECK(param.dim() == 3, "celo2_direction: param must be viewed as (L, R, C), got rank ",
+              param.dim());
+  const int64_t L = param.size(0), R = param.size(1), C = param.size(2);
+  check_cuda_f32(param, "param", {L, R, C});
+  check_cuda_f32(grad, "grad", {L, R, C});
+  check_cuda_f32(m, "m", {L, R, C, 3});
+  check_cuda_f32(v, "v", {L, R, C});
+  const bool factored = row_stats.has_value();
+  TORCH_CHECK(factored == col_stats.has_value() && factored != v_diag.has_value(),
+              "celo2_direction: pass row_stats and col_stats (rank >= 2) or v_diag (rank <= 1)");
+  const int64_t kr = row_by_i ? R : C, kc = row_by_i ? C : R;
+  if (factored) {
+    check_cuda_f32(*row_stats, "row_stats", {L, kr, kStatWidth});
+    check_cuda_f32(*col_stats, "col_stats", {L, kc, kStatWidth});
+  } else {
+    TORCH_CHECK(L == 1 && R == 1, "celo2_direction: v_diag needs param viewed as (1, 1, N)");
+    check_cuda_f32(*v_diag, "v_diag", {L, R, C, 3});
+  }
+  check_cuda_f32(w0, "w0", {kChannels, kHidden});
+  check_cuda_f32(b0, "b0", {kHidden});
+  check_cuda_f32(w1, "w1", {kHidden, kHidden});
+  check_cuda_f32(b1, "b1", {kHidden});
+  check_cuda_f32(w2, "w2", {kHidden, 3});
+  check_cuda_f32(b2, "b2", {3});
+  const c10::cuda::CUDAGuard guard(param.device());
+  at::Tensor out = at::empty({L, R, C}, param.options());
+  const int64_t n = L * R * C;
+  if (n == 0) return out;
+  const int channels = factored ? kChannels : kChannels1d;
+  View s{grad.data_ptr<float>(), param.data_ptr<float>(), m.data_ptr<float>(),
+         v.data_ptr<float>(), factored ? row_stats->data_ptr<float>() : nullptr,
+         factored ? col_stats->data_ptr<float>() : nullptr,
+         factored ? nullptr : v_diag->data_ptr<float>(), L, R, C, kr, kc, row_by_i};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor sums = at::zeros({L, kChannels}, param.options().dtype(at::kDouble));
+  const int64_t per_slice = R * C;
+  const int blocks_x =
+      static_cast<int>(std::min<int64_t>((per_slice + kThreads - 1) / kThreads, 1024));
+  TORCH_CHECK(L <= 65535, "celo2_direction: at most 65535 slices per tensor on CUDA, got ", L);
+  sums_kernel<<<dim3(blocks_x, static_cast<unsigned>(L)), kThreads, 0, stream>>>(
+      s, channels, sums.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // w0' = rsqrt(1e-9 + mean(x²)) · w0 per slice; unused 1-D rows keep finite values.
+  at::Tensor mean = (sums / static_cast<double>(per_slice)).to(at::kFloat);
+  at::Tensor scale = (mean + kEpsSafe).rsqrt();
+  at::Tensor w0s = (scale.unsqueeze(-1) * w0.unsqueeze(0)).contiguous();  // (L, 30, 8)
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  direction_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      s, channels, w0s.data_ptr<float>(), b0.data_ptr<float>(), w1.data_ptr<float>(),
+      b1.data_ptr<float>(), w2.data_ptr<float>(), b2.data_ptr<float>(), out.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace lozoo::celo2
+
+TORCH_LIBRARY_IMPL(lozoo, CUDA, m) {
+  m.impl("celo2_direction", &lozoo::celo2::celo2_direction_cuda);
+}
