@@ -159,10 +159,12 @@ def test_unflatten_theta_returns_views_of_the_flat_vector():
     cfg = lopt.ORIGINAL
     flat = lopt.flatten_theta(lopt.init_theta(cfg, torch.Generator().manual_seed(0)), cfg)
     theta = lopt.unflatten_theta(flat, cfg)
+    before = {k: v.clone() for k, v in theta.items()}
     flat.add_(1.0)  # a write to the flat vector must show through every key
-    again = lopt.unflatten_theta(flat, cfg)
-    assert all(torch.equal(theta[k], again[k]) for k in theta)
-    assert all(t.data_ptr() >= flat.data_ptr() for t in theta.values())
+    assert all(torch.equal(theta[k], before[k] + 1.0) for k in theta)
+    leaf = flat.clone().requires_grad_()  # and gradients flow back to the flat vector
+    sum(v.sum() for v in lopt.unflatten_theta(leaf, cfg).values()).backward()
+    assert torch.equal(leaf.grad, torch.ones_like(leaf))
 
 
 # -- the shared shell base class -------------------------------------------------------------------

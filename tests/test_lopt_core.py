@@ -329,8 +329,14 @@ def test_flatten_roundtrip_uses_views():
     flat = lopt.flatten_theta(theta, cfg)
     assert flat.shape == (cfg.num_params,)
     back = lopt.unflatten_theta(flat, cfg)
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
     for k in theta:
         assert torch.equal(back[k], theta[k])
-        assert back[k].data_ptr() >= flat.data_ptr()
+        # a view: same storage, inside the flat vector's bytes
+        assert back[k].untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+        assert start <= back[k].data_ptr() < end
+    flat.mul_(2.0)  # a write to the flat vector shows through every key
+    for k in theta:
+        assert torch.equal(back[k], 2.0 * theta[k]), k
     with pytest.raises(ValueError, match="flat θ has 10 entries but the config needs 2409"):
         lopt.unflatten_theta(torch.zeros(10), cfg)
