@@ -33,7 +33,13 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch.optim import Optimizer
 
-from .architecture import Architecture, Theta, get_architecture, theta_sha256
+from .architecture import (
+    LEGACY_ARCHITECTURE,
+    Architecture,
+    Theta,
+    get_architecture,
+    theta_sha256,
+)
 from .nonfinite import NonFiniteGuard
 from .weights import WeightsSpec, resolve_weights
 
@@ -324,9 +330,17 @@ class LearnedOptimizer(Optimizer):
 
     @staticmethod
     def _check_weights_record(opt: LearnedOptimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Compare the saved meta-weights record with this optimizer's (origin checks go here)."""
+        """Check where a state dict comes from before torch adopts any of it.
+
+        Refused (``ValueError``): a state dict without a meta-weights record (another kind of
+        optimizer's, e.g. AdamW's, whose ``lr``/``weight_decay`` would otherwise be adopted
+        silently), one saved by another architecture, and per-parameter state whose keys or
+        shapes are not what this architecture keeps for that parameter. Different meta-weights
+        of the same architecture only warn: the state is valid, the trajectory just changes.
+        """
         record = state_dict.pop("meta_weights", None)
-        if record is not None and record.get("sha256") != opt.meta_weights_info["sha256"]:
+        check_state_origin(opt, state_dict, record)
+        if record.get("sha256") != opt.meta_weights_info["sha256"]:
             warnings.warn(
                 "loading optimizer state saved with different meta-weights "
                 f"(saved sha256 {record.get('sha256', '?')[:12]} from {record.get('source')}, "
@@ -350,6 +364,53 @@ class LearnedOptimizer(Optimizer):
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     device = p.device if key != "step" else torch.device("cpu")
                     opt.state[p][key] = value.to(device=device, dtype=torch.float32).clone()
+
+
+def check_state_origin(
+    opt: LearnedOptimizer, state_dict: dict[str, Any], record: dict[str, Any] | None
+) -> None:
+    """The origin checks of :meth:`LearnedOptimizer._check_weights_record` (see there)."""
+    name, arch = type(opt).__name__, type(opt).architecture
+    fix = f"load a state dict saved by {name}, or start {name} fresh (skip load_state_dict)"
+    if not isinstance(record, dict):
+        groups = state_dict.get("param_groups") or [{}]
+        hyper = sorted(k for k in groups[0] if k != "params")
+        raise ValueError(
+            f"{name}.load_state_dict: this state dict has no 'meta_weights' record, so no lozoo "
+            f"learned optimizer saved it (its param groups hold {', '.join(hyper) or 'nothing'}"
+            f"; another optimizer's state, e.g. AdamW's, cannot seed a learned optimizer); {fix}"
+        )
+    saved_arch = record.get("architecture", LEGACY_ARCHITECTURE)  # records before the seam
+    if saved_arch != arch:
+        raise ValueError(
+            f"{name}.load_state_dict: the state dict was saved by a {saved_arch!r} optimizer, "
+            f"this one is {arch!r}; their per-parameter states differ; {fix}"
+        )
+    saved_ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    saved_state = state_dict.get("state", {})
+    for index, (pid, p) in enumerate(zip(saved_ids, params)):
+        saved = saved_state.get(pid)
+        if not saved:
+            continue  # that parameter had not stepped yet
+        template = opt.arch.init_tensor_state(p.detach().to("meta"), opt.config)
+        expected = {"step": (), **{k: tuple(v.shape) for k, v in template.items()}}
+        where = f"{name}.load_state_dict: parameter {index} (shape {tuple(p.shape)})"
+        if set(saved) != set(expected):
+            missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+            raise ValueError(
+                f"{where}: saved state has keys {sorted(saved)}, {arch} keeps "
+                f"{sorted(expected)} (missing {missing}, unexpected {extra}); the state dict "
+                f"belongs to another optimizer or to other parameters; {fix}"
+            )
+        for key, shape in expected.items():
+            got = tuple(torch.as_tensor(saved[key]).shape)
+            if got != shape and not (key == "step" and got in ((), (1,))):
+                raise ValueError(
+                    f"{where}: saved state {key!r} has shape {got}, {arch} keeps {shape} for "
+                    "this parameter; the state dict belongs to other parameters (a different "
+                    f"model, or parameters in another order); {fix}"
+                )
 
 
 def _loss_tensor(loss: Any, device: torch.device) -> torch.Tensor | None:
