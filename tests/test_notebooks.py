@@ -29,6 +29,7 @@ def test_notebooks_are_generated_and_carry_no_outputs():
         "01_quickstart.ipynb",
         "02_metatrain_publish_evaluate.ipynb",
         "03_inside_the_optimizer.ipynb",
+        "04_generalisation_suite.ipynb",
     ]
     check = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "make_notebooks.py"), "--check"],
