@@ -128,7 +128,12 @@ SUITE_SCHEMA: dict[str, Any] = {
                 ],
             },
             "runs": _obj(
-                {"computed": _INT, "reused_from_cache": _INT, "cache": {"type": "string"}}
+                {
+                    "compute_s": {"type": "object", "additionalProperties": _NUM},
+                    "computed": _INT,
+                    "reused_from_cache": _INT,
+                    "cache": {"type": "string"},
+                }
             ),
             "incomplete": {"type": "array", "items": {"type": "string"}},
             "stopped": {"type": ["string", "null"]},

@@ -59,6 +59,7 @@ class SuiteRunner:
         self.bar = bar
         self.computed = 0
         self.reused = 0
+        self.run_seconds: dict[str, dict[str, float]] = {}  # optimizer → run file → seconds
 
     def grid(self, spec: OptimizerSpec) -> list[RunConfig]:
         lrs = self.cfg.lrs or lr_grid(spec.lr_centre, self.cfg.lr_points)
@@ -74,6 +75,7 @@ class SuiteRunner:
             self.reused += 1
             if self.bar is not None:
                 self.bar.update(steps)
+            self._count(spec, key, hit)
             return hit
         if self.bar is not None:
             self.bar.set_postfix_str(f"{problem.name} {spec.name[:24]} {cfg.label} seed {seed}")
@@ -84,12 +86,16 @@ class SuiteRunner:
         )  # fmt: skip
         self.cache.put(key, result)
         self.computed += 1
+        self._count(spec, key, result)
         log.info(
             "%s %s %s seed %d: final train loss %s%s in %.1f s",
             problem.name, spec.name, cfg.label, seed, result.final.get("train_loss"),
             f" (diverged: {result.divergence})" if result.diverged else "", result.seconds,
         )  # fmt: skip
         return result
+
+    def _count(self, spec: OptimizerSpec, key, result: RunResult) -> None:
+        self.run_seconds.setdefault(spec.name, {})[self.cache.path(key).name] = result.seconds
 
     def tune(
         self, problem: HeldOutProblem, task, spec: OptimizerSpec, grid: list[RunConfig]
@@ -166,6 +172,7 @@ def evaluate_suite(cfg: SuiteConfig, *, command: str | None = None) -> SuiteResu
         stopped = f"--max-time {cfg.max_time:g} s ran out during {err}"
         log.warning("%s; reporting the %d finished problem(s)", stopped, len(results))
     finally:
+        bar.total = bar.n  # the plan counts grid extensions that may not have been needed
         bar.close()
     if not results:
         raise ValueError(
@@ -183,6 +190,7 @@ def evaluate_suite(cfg: SuiteConfig, *, command: str | None = None) -> SuiteResu
         incomplete=[p.name for p in problems[len(results) :]],
         stopped=stopped,
         runs={
+            "compute_s": {k: sum(v.values()) for k, v in runner.run_seconds.items()},
             "computed": runner.computed,
             "reused_from_cache": runner.reused,
             "cache": str(cache.root),
