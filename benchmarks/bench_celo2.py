@@ -1,0 +1,115 @@
+"""CPU step time of the Celo2 optimizer against AdamW and Muon on the benchmark parameter sets.
+
+    python benchmarks/bench_celo2.py                      # 4M and 25M sets, 2 threads
+    python benchmarks/bench_celo2.py --sets 4M --reps 3
+
+Every method steps every tensor of the set once per call, through its ``torch.optim`` object:
+
+- Celo2 fused: ``lopt.celo2.Celo2(backend="cpp")`` (accumulators in place, the compiled
+  features + MLP op, Newton–Schulz as batched GEMMs), the default ``celo2`` config (rank <= 1
+  tensors on its Adam branch, every other tensor through the learned rule).
+- Celo2 torch: the same optimizer on the pure-torch backend.
+- AdamW: ``torch.optim.AdamW(foreach=True)`` on every tensor.
+- Muon: ``torch.optim.Muon`` on the 2-D tensors and ``AdamW(foreach=True)`` on the rest (Muon
+  only takes matrices), as Muon is used in practice.
+
+Times are the minimum over ``--reps`` rounds, methods interleaved round by round in one process
+(other load on a shared machine only slows a run down); compare the ratios, not the times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from param_sets import PARAM_SETS, numel  # noqa: E402
+
+import lopt  # noqa: E402
+from lopt import celo2  # noqa: E402
+
+METHODS = ("celo2_fused", "celo2_torch", "adamw", "muon")
+
+
+def make_params(set_name: str, seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in PARAM_SETS[set_name]():
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
+        p.grad = torch.randn(shape, generator=gen) * 1e-3
+        params.append(p)
+    return params
+
+
+def make_step(method: str, params: list[torch.nn.Parameter]):
+    if method.startswith("celo2"):
+        arch = lopt.get_architecture("celo2")
+        theta = arch.init_theta(arch.preset(), torch.Generator().manual_seed(0))
+        backend = "cpp" if method == "celo2_fused" else "torch"
+        opts = [celo2.Celo2(params, theta, backend=backend)]
+    elif method == "adamw":
+        opts = [torch.optim.AdamW(params, lr=1e-3, foreach=True)]
+    else:
+        matrices = [p for p in params if p.dim() == 2]
+        rest = [p for p in params if p.dim() != 2]
+        opts = [torch.optim.Muon(matrices, lr=1e-3), torch.optim.AdamW(rest, foreach=True)]
+
+    def step() -> None:
+        for opt in opts:
+            opt.step()
+
+    return step
+
+
+def time_set(set_name: str, reps: int, methods: tuple[str, ...]) -> dict[str, float]:
+    steps = {}
+    for method in methods:
+        steps[method] = make_step(method, make_params(set_name))
+        steps[method]()  # warm-up: state allocation, kernel load
+    best = {m: float("inf") for m in methods}
+    for _ in range(reps):
+        for method in methods:
+            start = time.perf_counter()
+            steps[method]()
+            best[method] = min(best[method], time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", nargs="+", default=["4M", "25M"], choices=sorted(PARAM_SETS))
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if "celo2_fused" in args.methods and not celo2.fused.op_is_available("cpu"):
+        sys.exit("the compiled Celo2 kernel is unavailable; run `python -m lopt.kernels build`")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.reps}")
+    results = []
+    for set_name in args.sets:
+        best = time_set(set_name, args.reps, tuple(args.methods))
+        n = numel(PARAM_SETS[set_name]())
+        row = {"set": set_name, "numel": n, "seconds": best}
+        for base in ("muon", "adamw"):
+            if base in best:
+                row[f"ratio_to_{base}"] = {m: best[m] / best[base] for m in best}
+        results.append(row)
+        print(f"\n{set_name} ({n / 1e6:.1f}M parameters)")
+        for m, t in best.items():
+            ratios = "  ".join(f"{t / best[b]:6.2f}x {b}" for b in ("muon", "adamw") if b in best)
+            print(f"  {m:12s} {t * 1e3:9.1f} ms   {ratios}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
