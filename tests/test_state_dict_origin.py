@@ -48,7 +48,8 @@ def test_another_optimizers_state_dict_is_refused(name, adamw_stepped):
     assert len(opt.state) == 0, "nothing of the foreign state may be adopted"
 
 
-@pytest.mark.parametrize("saver,loader", [(a, b) for a in NAMES for b in NAMES if a != b])
+# every architecture saves once and loads once (a ring), not every pair: the check is by name
+@pytest.mark.parametrize("saver,loader", list(zip(NAMES, NAMES[1:] + NAMES[:1]))[: len(NAMES)])
 def test_another_architectures_state_dict_is_refused(saver, loader):
     opt, params = stepped(saver)
     with pytest.raises(ValueError, match=f"saved by a '{saver}' optimizer, this one is '{loader}'"):
