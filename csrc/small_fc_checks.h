@@ -21,6 +21,14 @@ constexpr const char* kStepSchema =
     "int d1, int d0, float t, float lr, float weight_decay, float step_mult, float exp_mult, "
     "bool maximize) -> ()";
 
+// Lane-batched form (lopt/kernels/ops.py documents it): every tensor argument gains a leading
+// lane axis L, and the step counter becomes a float32 tensor t of shape (L,).
+constexpr const char* kLanesStepSchema =
+    "small_fc_lanes_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m, Tensor(c!) v, "
+    "Tensor(d!)? r, Tensor(e!)? c, Tensor(f!)? vd, Tensor decays, Tensor[] layers, "
+    "int d1, int d0, Tensor t, float lr, float weight_decay, float step_mult, float exp_mult, "
+    "bool maximize) -> ()";
+
 inline std::string shape_str(at::IntArrayRef s) {
   std::ostringstream out;
   out << "(";
@@ -119,6 +127,56 @@ inline Geometry check_step_args(const at::Tensor& param, const at::Tensor& grad,
   }
   *hidden = h;
   return make_geometry(shape.data(), rank, rank >= 2 ? d1 : -1, rank >= 2 ? d0 : -1);
+}
+
+#define LOZOO_LANES_CHECK(cond, ...) \
+  TORCH_CHECK(cond, "lozoo::small_fc_lanes_step_: ", __VA_ARGS__)
+
+// small_fc_lanes_step_: the lane axis of every argument, then lane 0's slices as one
+// small_fc_step_ call (all lanes share their shapes, so that validates every lane).
+inline Geometry check_lanes_step_args(const at::Tensor& param, const at::Tensor& grad,
+                                      const at::Tensor& m, const at::Tensor& v,
+                                      const std::optional<at::Tensor>& r,
+                                      const std::optional<at::Tensor>& c,
+                                      const std::optional<at::Tensor>& vd,
+                                      const at::Tensor& decays, at::TensorList layers,
+                                      int64_t d1, int64_t d0, const at::Tensor& t,
+                                      int64_t* hidden) {
+  LOZOO_LANES_CHECK(param.dim() >= 1, "param needs a leading lane axis, got a 0-d tensor");
+  const int64_t lanes = param.size(0);
+  auto lane_axis = [&](const at::Tensor& x, const std::string& name) {
+    LOZOO_LANES_CHECK(x.dim() >= 1 && x.size(0) == lanes, name, " must have param's ", lanes,
+                      " lanes on its leading axis, got shape ", shape_str(x.sizes()));
+    LOZOO_LANES_CHECK(x.is_contiguous(), name, " must be contiguous");
+  };
+  lane_axis(param, "param");
+  LOZOO_LANES_CHECK(grad.dim() >= 1 && grad.size(0) == lanes, "grad must have param's ", lanes,
+                    " lanes on its leading axis, got shape ", shape_str(grad.sizes()));
+  lane_axis(m, "m");
+  lane_axis(v, "v");
+  if (r.has_value()) lane_axis(*r, "r");
+  if (c.has_value()) lane_axis(*c, "c");
+  if (vd.has_value()) lane_axis(*vd, "vd");
+  lane_axis(decays, "decays");
+  for (size_t i = 0; i < layers.size(); ++i) lane_axis(layers[i], "layers[" + std::to_string(i) + "]");
+  LOZOO_LANES_CHECK(t.device() == param.device() && t.scalar_type() == at::kFloat &&
+                        t.dim() == 1 && t.size(0) == lanes && t.is_contiguous(),
+                    "t must be a contiguous float32 tensor of shape (", lanes,
+                    ",) on param's device (one step counter per lane), got ", t.scalar_type(),
+                    " of shape ", shape_str(t.sizes()), " on ", t.device());
+  if (lanes == 0) return Geometry{};
+  auto first = [](const std::optional<at::Tensor>& x) {
+    return x.has_value() ? std::optional<at::Tensor>(x->select(0, 0)) : std::nullopt;
+  };
+  std::vector<at::Tensor> lane_layers;
+  for (const at::Tensor& w : layers) lane_layers.push_back(w.select(0, 0));
+  try {
+    return check_step_args(param.select(0, 0), grad.select(0, 0), m.select(0, 0),
+                           v.select(0, 0), first(r), first(c), first(vd), decays.select(0, 0),
+                           lane_layers, d1, d0, hidden);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, "lozoo::small_fc_lanes_step_: per lane: ", e.what_without_backtrace());
+  }
 }
 
 }  // namespace lozoo

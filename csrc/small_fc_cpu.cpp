@@ -217,11 +217,33 @@ void stat_channel_sums(const Ctx& c, double* sums) {
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+// One layer of the learned optimizer's MLP as the op received it: (fan_in, fan_out) row-major
+// weights and a bias. Raw pointers, so a lane-batched call can point into lane-stacked θ tensors.
+struct MlpLayer {
+  const float* w;
+  const float* b;
+  int64_t fan_in, fan_out;
+};
+
+// The MLP layers of lane `lane` of (lane-stacked, when lane_stride is true) `layers`.
+std::vector<MlpLayer> mlp_layers(at::TensorList layers, int64_t lane, bool lane_stacked) {
+  std::vector<MlpLayer> out(layers.size() / 2);
+  const int64_t skip = lane_stacked ? 1 : 0;
+  for (size_t l = 0; l < out.size(); ++l) {
+    const at::Tensor& w = layers[2 * l];
+    const at::Tensor& b = layers[2 * l + 1];
+    const int64_t fin = w.size(skip), fout = w.size(skip + 1);
+    out[l] = MlpLayer{w.const_data_ptr<float>() + lane * fin * fout,
+                      b.const_data_ptr<float>() + lane * fout, fin, fout};
+  }
+  return out;
+}
+
 // Step 2 prologue: the MLP with the normalisation folded into w0's rows and the time features
 // into b0 (spec §13), zero-padded to the register tile. Returns the storage of `layers`.
-at::Tensor fold_layers(at::TensorList theta, const double* sums, int64_t n, double t, int64_t h,
-                       std::vector<Layer>& layers) {
-  const int num = static_cast<int>(theta.size() / 2);
+at::Tensor fold_layers(const std::vector<MlpLayer>& theta, const double* sums, int64_t n, double t,
+                       int64_t h, std::vector<Layer>& layers) {
+  const int num = static_cast<int>(theta.size());
   const int hp = round_up(static_cast<int>(h), 4);
   std::vector<int> kin(num), kout(num);
   int64_t total = 0;
@@ -234,9 +256,9 @@ at::Tensor fold_layers(at::TensorList theta, const double* sums, int64_t n, doub
   float* dst = store.data_ptr<float>();
   layers.resize(num);
   for (int l = 0; l < num; ++l) {
-    const float* w = theta[2 * l].data_ptr<float>();
-    const float* b = theta[2 * l + 1].data_ptr<float>();
-    const int64_t fin = theta[2 * l].size(0), fout = theta[2 * l].size(1);
+    const float* w = theta[l].w;
+    const float* b = theta[l].b;
+    const int64_t fin = theta[l].fan_in, fout = theta[l].fan_out;
     float* W = dst;
     float* B = dst + static_cast<int64_t>(kin[l]) * kout[l];
     const int64_t rows = l == 0 ? kElemFeatures : fin;
@@ -262,14 +284,18 @@ at::Tensor fold_layers(at::TensorList theta, const double* sums, int64_t n, doub
 }
 
 template <typename T>
-void step_impl(Ctx& c, const at::Tensor& grad, float* r, float* cst, at::TensorList theta,
+void step_impl(Ctx& c, const T* grad, float* r, float* cst, const std::vector<MlpLayer>& theta,
                int64_t h, double t) {
   at::Tensor stats;
-  if (c.geo.factored) stats = factored_statistics<T>(c, grad.const_data_ptr<T>(), r, cst);
+  if (c.geo.factored) stats = factored_statistics<T>(c, grad, r, cst);
   const int hmax = std::max(round_up(static_cast<int>(h), 4), 2);
   const int64_t tiles = (c.geo.n + kTile - 1) / kTile;
   c.scratch_floats = round_up(static_cast<int>(Scratch::floats(hmax)), 16);
-  at::Tensor scratch = at::empty({at::get_num_threads() * c.scratch_floats},
+  // One scratch slot per thread id. Inside a lane-parallel region (small_fc_lanes_step_) the tile
+  // loops below run inline on the calling thread, whose id may exceed what get_num_threads()
+  // reports there, so size by the id as well.
+  const int64_t slots = std::max(at::get_num_threads(), at::get_thread_num() + 1);
+  at::Tensor scratch = at::empty({slots * c.scratch_floats},
                                  at::TensorOptions().dtype(at::kFloat));
   at::Tensor tile_sums = at::empty({tiles, kElemFeatures}, at::TensorOptions().dtype(at::kDouble));
   c.scratch = scratch.data_ptr<float>();
@@ -288,25 +314,12 @@ void step_impl(Ctx& c, const at::Tensor& grad, float* r, float* cst, at::TensorL
   at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) { update_fn(c, b, e, hmax); });
 }
 
-void small_fc_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m,
-                       const at::Tensor& v, const std::optional<at::Tensor>& r,
-                       const std::optional<at::Tensor>& cst, const std::optional<at::Tensor>& vd,
-                       const at::Tensor& decays, at::TensorList layers, int64_t d1, int64_t d0,
-                       double t, double lr, double weight_decay, double step_mult,
-                       double exp_mult, bool maximize) {
-  int64_t h = 0;
-  const Geometry geo = check_step_args(param, grad, m, v, r, cst, vd, decays, layers, d1, d0, &h);
-  LOZOO_CHECK(param.device().is_cpu(), "the CPU kernel got a param on ", param.device());
-  if (geo.n == 0) return;
-  const at::Tensor g = grad.contiguous();
+// The per-tensor constants of a step: decays, multipliers, weight decay. Pointers are set by
+// the caller.
+Ctx make_ctx(const Geometry& geo, const float* d, double lr, double weight_decay,
+             double step_mult, double exp_mult, bool maximize) {
   Ctx c{};
   c.geo = geo;
-  c.grad = g.const_data_ptr();
-  c.param = param.data_ptr();
-  c.m = m.data_ptr<float>();
-  c.v = v.data_ptr<float>();
-  c.vd = vd.has_value() ? vd->data_ptr<float>() : nullptr;
-  const float* d = decays.const_data_ptr<float>();
   for (int k = 0; k < 3; ++k) {
     c.bm[k] = d[k];
     c.ombm[k] = 1.0f - d[k];
@@ -321,16 +334,90 @@ void small_fc_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at
   c.lr = static_cast<float>(lr);
   c.has_decay = weight_decay != 0.0;
   c.decay = static_cast<float>(1.0 - lr * weight_decay);
+  return c;
+}
+
+void dispatch_step(at::ScalarType dtype, Ctx& c, float* r, float* cst,
+                   const std::vector<MlpLayer>& theta, int64_t h, double t) {
+  switch (dtype) {
+    case at::kFloat:
+      return step_impl<float>(c, static_cast<const float*>(c.grad), r, cst, theta, h, t);
+    case at::kBFloat16:
+      return step_impl<c10::BFloat16>(c, static_cast<const c10::BFloat16*>(c.grad), r, cst,
+                                      theta, h, t);
+    default:
+      return step_impl<c10::Half>(c, static_cast<const c10::Half*>(c.grad), r, cst, theta, h, t);
+  }
+}
+
+void small_fc_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m,
+                       const at::Tensor& v, const std::optional<at::Tensor>& r,
+                       const std::optional<at::Tensor>& cst, const std::optional<at::Tensor>& vd,
+                       const at::Tensor& decays, at::TensorList layers, int64_t d1, int64_t d0,
+                       double t, double lr, double weight_decay, double step_mult,
+                       double exp_mult, bool maximize) {
+  int64_t h = 0;
+  const Geometry geo = check_step_args(param, grad, m, v, r, cst, vd, decays, layers, d1, d0, &h);
+  LOZOO_CHECK(param.device().is_cpu(), "the CPU kernel got a param on ", param.device());
+  if (geo.n == 0) return;
+  const at::Tensor g = grad.contiguous();
+  Ctx c = make_ctx(geo, decays.const_data_ptr<float>(), lr, weight_decay, step_mult, exp_mult,
+                   maximize);
+  c.grad = g.const_data_ptr();
+  c.param = param.data_ptr();
+  c.m = m.data_ptr<float>();
+  c.v = v.data_ptr<float>();
+  c.vd = vd.has_value() ? vd->data_ptr<float>() : nullptr;
   float* rp = r.has_value() ? r->data_ptr<float>() : nullptr;
   float* cp = cst.has_value() ? cst->data_ptr<float>() : nullptr;
-  switch (param.scalar_type()) {
-    case at::kFloat:
-      return step_impl<float>(c, g, rp, cp, layers, h, t);
-    case at::kBFloat16:
-      return step_impl<c10::BFloat16>(c, g, rp, cp, layers, h, t);
-    default:
-      return step_impl<c10::Half>(c, g, rp, cp, layers, h, t);
-  }
+  dispatch_step(param.scalar_type(), c, rp, cp, mlp_layers(layers, 0, false), h, t);
+}
+
+// lozoo::small_fc_lanes_step_: small_fc_step_ on every lane of lane-stacked tensors (leading axis
+// L), each lane with its own θ (decays[i], layers[*][i]) and step counter t[i]. Validates once,
+// then runs the per-lane step on pointer offsets, lanes spread over threads; a lane's result is
+// bit-identical to small_fc_step_ on its slices (the per-lane reductions never depend on the
+// thread count).
+void small_fc_lanes_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& m,
+                             const at::Tensor& v, const std::optional<at::Tensor>& r,
+                             const std::optional<at::Tensor>& cst,
+                             const std::optional<at::Tensor>& vd, const at::Tensor& decays,
+                             at::TensorList layers, int64_t d1, int64_t d0, const at::Tensor& t,
+                             double lr, double weight_decay, double step_mult, double exp_mult,
+                             bool maximize) {
+  int64_t h = 0;
+  const Geometry geo = check_lanes_step_args(param, grad, m, v, r, cst, vd, decays, layers, d1,
+                                             d0, t, &h);
+  LOZOO_LANES_CHECK(param.device().is_cpu(), "the CPU kernel got a param on ", param.device());
+  const int64_t lanes = param.size(0);
+  if (lanes == 0 || geo.n == 0) return;
+  const at::Tensor g = grad.contiguous();
+  const int64_t n = geo.n, bytes = param.element_size();
+  const int64_t r_len = geo.factored ? 3 * geo.size_r() : 0;
+  const int64_t c_len = geo.factored ? 3 * geo.size_c() : 0;
+  const float* dec = decays.const_data_ptr<float>();
+  const float* steps = t.const_data_ptr<float>();
+  const auto* grad_base = static_cast<const char*>(g.const_data_ptr());
+  auto* param_base = static_cast<char*>(param.data_ptr());
+  float* m_base = m.data_ptr<float>();
+  float* v_base = v.data_ptr<float>();
+  float* vd_base = vd.has_value() ? vd->data_ptr<float>() : nullptr;
+  float* r_base = r.has_value() ? r->data_ptr<float>() : nullptr;
+  float* c_base = cst.has_value() ? cst->data_ptr<float>() : nullptr;
+  at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t lane = begin; lane < end; ++lane) {
+      Ctx c = make_ctx(geo, dec + kNumDecays * lane, lr, weight_decay, step_mult, exp_mult,
+                       maximize);
+      c.grad = grad_base + lane * n * bytes;
+      c.param = param_base + lane * n * bytes;
+      c.m = m_base + lane * 3 * n;
+      c.v = v_base + lane * n;
+      c.vd = vd_base ? vd_base + lane * 3 * n : nullptr;
+      dispatch_step(param.scalar_type(), c, r_base ? r_base + lane * r_len : nullptr,
+                    c_base ? c_base + lane * c_len : nullptr, mlp_layers(layers, lane, true), h,
+                    steps[lane]);
+    }
+  });
 }
 
 std::string cpu_isa() {
@@ -349,8 +436,12 @@ std::string cpu_isa() {
 
 TORCH_LIBRARY(lozoo, m) {
   m.def(lozoo::kStepSchema);
+  m.def(lozoo::kLanesStepSchema);
   // Which instruction-set path the CPU kernel dispatched to ("avx512", "avx2" or "generic").
   m.def("cpu_isa() -> str", &lozoo::cpu::cpu_isa);
 }
 
-TORCH_LIBRARY_IMPL(lozoo, CPU, m) { m.impl("small_fc_step_", &lozoo::cpu::small_fc_step_cpu); }
+TORCH_LIBRARY_IMPL(lozoo, CPU, m) {
+  m.impl("small_fc_step_", &lozoo::cpu::small_fc_step_cpu);
+  m.impl("small_fc_lanes_step_", &lozoo::cpu::small_fc_lanes_step_cpu);
+}

@@ -141,8 +141,11 @@ class Architecture:
     ``presets`` maps preset names to configs and ``default_preset`` names the one used when only
     the architecture is given. ``summary(cfg)`` is a one-line human description (zoo cards and
     listings). ``lanes_update`` optionally computes ``vmap(update)`` over meta-training lanes with
-    a fused kernel, signature ``(theta_lanes [L, P], state, params, grads, cfg) -> (params,
-    state)``; architectures without one meta-train on the vmapped pure-torch ``update``.
+    a batched kernel: preferably a :class:`lopt.kernels.lanes.LaneUpdate` (in place on the
+    lane-stacked state, docs/design/lanes.md), or a pure function ``(theta_lanes [L, P], state,
+    params, grads, cfg) -> (params, state)``; architectures without one meta-train on the vmapped
+    pure-torch ``update`` (or register ``lopt.kernels.lanes.vmapped_lane_update(update,
+    unflatten_theta)`` to get the batched inner problems of the fast path).
     """
 
     name: str
@@ -155,7 +158,7 @@ class Architecture:
     presets: Mapping[str, Any]
     default_preset: str
     summary: Callable[[Any], str] = field(default=lambda cfg: "")
-    lanes_update: Callable[..., tuple[dict[str, torch.Tensor], dict]] | None = None
+    lanes_update: Any = None
     description: str = ""
 
     def preset(self, name: str | None = None):

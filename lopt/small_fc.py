@@ -15,6 +15,7 @@ import torch
 from .architecture import Architecture, Theta, register_architecture, validate_theta
 from .config import MULO, NUM_FEATURES, PRESETS, SmallFCConfig, TieBreak
 from .core import init_state, init_tensor_state, update
+from .kernels.lanes import SMALL_FC_LANES
 from .optimizer import SmallFCLOpt
 from .theta import init_theta
 
@@ -25,13 +26,6 @@ def summary(cfg: SmallFCConfig) -> str:
         f"A small_fc_lopt learned optimizer: MLP {widths}, step_mult {cfg.step_mult:g}, "
         f"{cfg.num_params:,} meta-parameters."
     )
-
-
-def _lanes_update(theta_lanes, state, params, grads, cfg):
-    # imported on use: the fused-kernel module loads the compiled op machinery
-    from .kernels.lanes import update_lanes
-
-    return update_lanes(theta_lanes, state, params, grads, cfg)
 
 
 SMALL_FC_LOPT = register_architecture(
@@ -46,7 +40,7 @@ SMALL_FC_LOPT = register_architecture(
         presets=PRESETS,
         default_preset="original",
         summary=summary,
-        lanes_update=_lanes_update,
+        lanes_update=SMALL_FC_LANES,
         description="Metz et al. 2022: per-element MLP on momentum, RMS and Adafactor features",
     )
 )

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 
 import lopt
+from lopt.kernels.lanes import as_lane_update, guarded_apply_
 from lopt.nonfinite import guarded_update
 
 from .schedules import NeverEnding, Schedule
@@ -90,13 +91,13 @@ class TaskLanes:
 
     A lane state is ``{"params", "opt_state", "task_cfg"}``. With ``lopt_backend="torch"`` (the
     reference) one slot is a single ``torch.func.vmap`` over (θ lane, params, optimizer state,
-    batch, task config) of the inner gradient and the architecture's ``update``. ``"cpp"`` vmaps
-    the inner gradient only and applies the update with the architecture's fused lane kernel
-    (``lopt.Architecture.lanes_update``; small_fc_lopt's is :func:`lopt.kernels.lanes.
-    update_lanes`, parity-tested against the vmapped core): the same math, several times faster
-    on real tasks. ``"auto"`` picks ``"cpp"`` when the architecture has a lane kernel and it
-    loads.
-    No autograd graph survives a slot.
+    batch, task config) of the inner gradient and the architecture's ``update``. ``"cpp"`` is the
+    fast path (docs/design/lanes.md): the task's batched ``lanes_grad_and_value`` (bmm / grouped
+    convolution, tested equal to the vmapped gradient) and the architecture's lane-batched update
+    (``lopt.Architecture.lanes_update``, a :class:`lopt.kernels.lanes.LaneUpdate`: for
+    small_fc_lopt one fused op call per parameter tensor for all lanes, parity-tested against the
+    vmapped core), which updates the lane state **in place**. ``"auto"`` picks ``"cpp"`` when the
+    architecture has a lane update and the kernel loads. No autograd graph survives a slot.
     """
 
     def __init__(
@@ -120,7 +121,6 @@ class TaskLanes:
         self.stream = task.batches(split, num_streams, stream_seed)
         self._step_all = torch.func.vmap(self._lane_train, randomness="error")
         self._nonfinite_skips = torch.zeros((), dtype=torch.int64)
-        self._grads_all = torch.func.vmap(torch.func.grad_and_value(task.loss), randomness="error")
         if lopt_backend == "cpp" and self.arch.lanes_update is None:
             raise ValueError(
                 f"lopt backend 'cpp': {self.arch.name} has no fused lane kernel; use 'torch'"
@@ -131,6 +131,11 @@ class TaskLanes:
             fused = self.arch.lanes_update is not None and cpp_is_available()
             lopt_backend = "cpp" if fused else "torch"
         self.lopt_backend = lopt_backend
+        self.lane_update = None
+        if lopt_backend == "cpp":
+            self.lane_update = as_lane_update(self.arch.lanes_update)
+        # θ is fixed while the lanes advance: its kernel arguments are derived once per θ tensor.
+        self._prepared: tuple[torch.Tensor, int, Any] | None = None
 
     def fresh(self, n: int, generator: torch.Generator) -> TensorTree:
         cfgs, params = [], []
@@ -160,17 +165,31 @@ class TaskLanes:
         )
         return new_params, new_state, loss, skipped
 
+    def _prepare(self, theta_lanes: torch.Tensor) -> Any:
+        cached = self._prepared
+        if cached is None or cached[0] is not theta_lanes or cached[1] != theta_lanes._version:
+            prepared = self.lane_update.prepare(theta_lanes, self.lopt_config)
+            self._prepared = cached = (theta_lanes, theta_lanes._version, prepared)
+        return cached[2]
+
     def step(self, theta_lanes: torch.Tensor, state: TensorTree, batch: TensorTree):
+        """One slot for every lane; returns ``(state, loss [2N])``.
+
+        The ``"cpp"`` path updates ``state``'s params and optimizer state in place and returns
+        the same tree; callers that need the old state must copy it first.
+        """
         if self.lopt_backend == "cpp":
-            # vmap for the inner gradients; the fused op, lane by lane, for the lopt update.
-            grads, loss = self._grads_all(state["params"], batch, state["task_cfg"])
-            params, opt_state, skipped = guarded_update(self.arch.lanes_update, batch_dims=1)(
-                theta_lanes, state["opt_state"], state["params"], grads, self.lopt_config
-            )
-        else:
-            params, opt_state, loss, skipped = self._step_all(
-                theta_lanes, state["params"], state["opt_state"], batch, state["task_cfg"]
-            )
+            grads, loss = self.task.lanes_grad_and_value(state["params"], batch, state["task_cfg"])
+            # a lane's NaN/inf inner gradient skips that tensor's update (lopt.nonfinite)
+            skipped = guarded_apply_(
+                self.lane_update, self._prepare(theta_lanes), state["opt_state"],
+                state["params"], grads, self.lopt_config, loss=loss,
+            )  # fmt: skip
+            self._nonfinite_skips = self._nonfinite_skips + skipped.sum()
+            return state, loss
+        params, opt_state, loss, skipped = self._step_all(
+            theta_lanes, state["params"], state["opt_state"], batch, state["task_cfg"]
+        )
         self._nonfinite_skips = self._nonfinite_skips + skipped.sum()  # no host sync here
         return {"params": params, "opt_state": opt_state, "task_cfg": state["task_cfg"]}, loss
 
@@ -243,7 +262,6 @@ class VectorizedUnroll:
         n = self.num_pairs
 
         def copy(x: torch.Tensor) -> torch.Tensor:
-            x = x.clone()
             x[n:] = x[:n]
             return x
 
@@ -267,8 +285,7 @@ class VectorizedUnroll:
             fresh = _pairs_to_lanes(self.problem.fresh(len(pairs), self.generator))
 
             def put(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-                dst = dst.clone()
-                dst[lanes] = src.to(dst.dtype)
+                dst[lanes] = src.to(dst.dtype)  # in place: the unroll owns its lane state
                 return dst
 
             state = _map2(put, state, fresh)
@@ -304,9 +321,11 @@ class VectorizedUnroll:
         )
 
     # -- checkpointing ----------------------------------------------------------------------------
+    # The lane state is updated in place, so a state dict holds copies and loading copies too
+    # (a caller's dict never aliases the live lanes).
     def state_dict(self) -> dict[str, Any]:
         return {
-            "lanes": self.state,
+            "lanes": _map(torch.clone, self.state),
             "inner_step": self.inner_step,
             "length": self.length,
             "is_done": self.is_done,
@@ -315,7 +334,7 @@ class VectorizedUnroll:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = state["lanes"]
+        self.state = _map(lambda x: x.clone(memory_format=torch.contiguous_format), state["lanes"])
         self.inner_step, self.length = state["inner_step"], state["length"]
         self.is_done = state["is_done"]
         self.generator.set_state(state["generator"])

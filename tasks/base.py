@@ -228,6 +228,19 @@ class Task(ABC):
     ) -> BatchStream:
         """``n_streams`` independent endless streams of ``split``, drawn as ``[n, B, ...]``."""
 
+    def lanes_grad_and_value(
+        self, params: Mapping[str, Tensor], batch: Batch, lane_cfg: LaneCfg
+    ) -> tuple[Params, Tensor]:
+        """Gradients and losses of many lanes at once: ``(grads [L, ...], loss [L])``.
+
+        ``params``, ``batch`` and ``lane_cfg`` carry a leading lane axis L. The default is
+        ``vmap(grad_and_value(loss))``, the reference; families override it with a batched
+        forward/backward (bmm, grouped convolution) that is tested equal to it. Runs under
+        ``torch.no_grad()`` too; returns no autograd graph.
+        """
+        fn = torch.func.vmap(torch.func.grad_and_value(self.loss), randomness="error")
+        return fn(params, batch, lane_cfg)
+
     def init_lanes(self, gen: torch.Generator, lane_cfgs: Mapping[str, Tensor]) -> Params:
         """Init every lane of a stacked lane config in order; returns stacked params."""
         n = len(next(iter(lane_cfgs.values()))) if lane_cfgs else 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -100,6 +100,91 @@ def sample_classification_lane(
         "activation": torch.tensor(index, dtype=torch.int64),
         "init_scale": torch.tensor(uniform(gen, *init_scale), dtype=torch.float32),
     }
+
+
+# -- batched lanes (Task.lanes_grad_and_value; docs/design/lanes.md) ------------------------------
+# Derivatives of the activations as autograd computes them (the same ATen backward kernels), so
+# the hand-written backward of the batched MLP rounds like the vmapped reference. Activations not
+# listed fall back to torch.func.vjp.
+_ACTIVATION_BACKWARD: Mapping[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "relu": lambda grad, z, out: torch.ops.aten.threshold_backward(grad, out, 0.0),
+    "tanh": lambda grad, z, out: torch.ops.aten.tanh_backward(grad, out),
+    "sigmoid": lambda grad, z, out: torch.ops.aten.sigmoid_backward(grad, out),
+    "gelu": lambda grad, z, out: torch.ops.aten.gelu_backward(grad, z),
+    "silu": lambda grad, z, out: torch.ops.aten.silu_backward(grad, z),
+}
+
+
+def activation_backward(name: str, grad: Tensor, z: Tensor, out: Tensor) -> Tensor:
+    """``grad · act'(z)`` for ``out = act(z)`` of the activation called ``name``."""
+    backward = _ACTIVATION_BACKWARD.get(name)
+    if backward is not None:
+        return backward(grad, z, out)
+    return torch.func.vjp(ACTIVATIONS[name], z)[1](grad)[0]
+
+
+class LaneActivations:
+    """The lanes of a batch grouped by activation, to apply each activation only where it is used.
+
+    ``index`` is the lane configs' ``activation`` tensor ``[L]`` (host-readable: lane configs
+    live on the CPU); ``names`` the static config's candidates. Lanes are selected along axis 0.
+    """
+
+    def __init__(self, index: Tensor, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        lanes_of: dict[int, list[int]] = {}
+        for lane, k in enumerate(index.tolist()):
+            lanes_of.setdefault(int(k), []).append(lane)
+        self.groups = [
+            (self.names[k], torch.tensor(lanes, dtype=torch.long))
+            for k, lanes in sorted(lanes_of.items())
+        ]
+
+    @property
+    def uniform(self) -> bool:
+        return len(self.groups) == 1
+
+    def forward(self, z: Tensor) -> Tensor:
+        if self.uniform:
+            return ACTIVATIONS[self.groups[0][0]](z)
+        out = torch.empty_like(z)
+        for name, lanes in self.groups:
+            out.index_copy_(0, lanes, ACTIVATIONS[name](z.index_select(0, lanes)))
+        return out
+
+    def backward(self, grad: Tensor, z: Tensor, out: Tensor) -> Tensor:
+        if self.uniform:
+            return activation_backward(self.groups[0][0], grad, z, out)
+        dz = torch.empty_like(z)
+        for name, lanes in self.groups:
+            pick = [x.index_select(0, lanes) for x in (grad, z, out)]
+            dz.index_copy_(0, lanes, activation_backward(name, *pick))
+        return dz
+
+    def where(self, z: Tensor, lane_dim: int) -> Tensor:
+        """Differentiable form for autograd: each used activation on all lanes, then selected."""
+        out = ACTIVATIONS[self.groups[0][0]](z)
+        shape = [1] * z.dim()
+        shape[lane_dim] = -1
+        for name, lanes in self.groups[1:]:
+            mask = torch.zeros(z.shape[lane_dim], dtype=torch.bool)
+            mask[lanes] = True
+            out = torch.where(mask.view(shape), ACTIVATIONS[name](z), out)
+        return out
+
+
+def lanes_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy per lane and its gradient: ``(loss [L], dloss/dlogits [L, B, C])``.
+
+    ``logits`` ``[L, B, C]``, ``labels`` ``[L, B]``; the gradient is ``(softmax − onehot) / B``.
+    """
+    batch = logits.shape[1]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    picked = log_probs.gather(-1, labels.unsqueeze(-1))
+    loss = -picked.squeeze(-1).mean(1)
+    grad = log_probs.exp_()
+    grad.scatter_add_(-1, labels.unsqueeze(-1), torch.full_like(picked, -1.0))
+    return loss, grad.mul_(1.0 / batch)
 
 
 class ImageClassificationTask(Task):

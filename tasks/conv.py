@@ -22,6 +22,7 @@ from tasks.base import LaneCfg, StaticCfg, TaskFamily, log_int, randint
 from tasks.classification import (
     DEFAULT_ACTIVATIONS,
     ImageClassificationTask,
+    LaneActivations,
     check_activations,
     check_dataset,
     normalise_image_family,
@@ -77,6 +78,40 @@ class ConvTask(ImageClassificationTask):
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
+
+    def lanes_grad_and_value(
+        self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor], lane_cfg: LaneCfg
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """All lanes at once: lanes become channel groups of one grouped convolution per layer.
+
+        ``x [L, B, 1, s, s]`` is laid out as ``[B, L·1, s, s]`` and layer i's kernels ``[L, out,
+        in, 3, 3]`` as ``[L·out, in, 3, 3]`` with ``groups=L``; the head is a ``baddbmm``.
+        Gradients by autograd on this batched graph; equal to the vmapped reference up to float
+        rounding (tests/test_tasks_lanes.py).
+        """
+        acts = LaneActivations(lane_cfg["activation"], self.activations)
+        x = batch["x"]
+        lanes, size = x.shape[0], x.shape[1]
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+            h = x.transpose(0, 1).reshape(size, lanes * x.shape[2], *x.shape[3:])
+            for i, out_ch in enumerate(self.static.channels):
+                w = leaves[f"conv{i}.weight"]
+                w = w.reshape(lanes * out_ch, *w.shape[2:])
+                b = leaves[f"conv{i}.bias"].reshape(-1)
+                h = F.conv2d(h, w, b, stride=STRIDE, padding=KERNEL // 2, groups=lanes)
+                h = h.view(size, lanes, out_ch, *h.shape[2:])
+                h = acts.where(h, lane_dim=1).view(size, lanes * out_ch, *h.shape[3:])
+            pooled = h.mean(dim=(-2, -1)).view(size, lanes, -1).transpose(0, 1)
+            head_w, head_b = leaves["head.weight"], leaves["head.bias"]
+            logits = torch.baddbmm(head_b.unsqueeze(1), pooled, head_w.transpose(1, 2))
+            classes = logits.shape[-1]
+            loss = F.cross_entropy(
+                logits.reshape(-1, classes), batch["y"].reshape(-1), reduction="none"
+            )
+            loss = loss.view(lanes, size).mean(1)
+            grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        return dict(zip(leaves, grads, strict=True)), loss.detach()
 
     def logits(self, params: Mapping[str, Tensor], x: Tensor, lane_cfg: LaneCfg) -> Tensor:
         h = x

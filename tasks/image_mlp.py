@@ -19,8 +19,10 @@ from tasks.base import LaneCfg, StaticCfg, TaskFamily, log_int, randint
 from tasks.classification import (
     DEFAULT_ACTIVATIONS,
     ImageClassificationTask,
+    LaneActivations,
     check_activations,
     check_dataset,
+    lanes_cross_entropy,
     normalise_image_family,
     sample_classification_lane,
 )
@@ -94,6 +96,35 @@ class ImageMLPTask(ImageClassificationTask):
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
+
+    @torch.no_grad()
+    def lanes_grad_and_value(
+        self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor], lane_cfg: LaneCfg
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """All lanes' forward and hand-written backward as batched matrix products.
+
+        One ``baddbmm`` per layer forward and two ``bmm`` per layer backward over ``[L, ...]``
+        weights, activations applied per group of lanes (:class:`LaneActivations`); equal to
+        the vmapped reference up to float rounding (tests/test_tasks_lanes.py).
+        """
+        acts = LaneActivations(lane_cfg["activation"], self.activations)
+        depth = len(self.static.hidden)
+        inputs, pre = [batch["x"]], []
+        for i in range(depth + 1):
+            weight, bias = params[f"layer{i}.weight"], params[f"layer{i}.bias"]
+            z = torch.baddbmm(bias.unsqueeze(1), inputs[-1], weight.transpose(1, 2))
+            if i < depth:
+                pre.append(z)
+                inputs.append(acts.forward(z))
+        loss, grad_z = lanes_cross_entropy(z, batch["y"])
+        grads: dict[str, Tensor] = {}
+        for i in range(depth, -1, -1):
+            grads[f"layer{i}.weight"] = torch.bmm(grad_z.transpose(1, 2), inputs[i])
+            grads[f"layer{i}.bias"] = grad_z.sum(1)
+            if i > 0:
+                grad_in = torch.bmm(grad_z, params[f"layer{i}.weight"])
+                grad_z = acts.backward(grad_in, pre[i - 1], inputs[i])
+        return {name: grads[name] for name in params}, loss
 
     def logits(self, params: Mapping[str, Tensor], x: Tensor, lane_cfg: LaneCfg) -> Tensor:
         depth = len(self.static.hidden)

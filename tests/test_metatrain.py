@@ -347,7 +347,21 @@ def test_fused_lane_update_matches_the_vmapped_core(preset):
         ]
     )
     thetas = thetas + 0.05 * torch.randn(thetas.shape, generator=gen)
-    states = {b: start for b in lanes}
+    # the cpp path updates its lane state in place: each backend gets its own copy
+    states = {
+        b: {
+            "params": {k: v.clone() for k, v in start["params"].items()},
+            "opt_state": {
+                "t": start["opt_state"]["t"].clone(),
+                "tensors": {
+                    n: {k: v.clone() for k, v in st.items()}
+                    for n, st in start["opt_state"]["tensors"].items()
+                },
+            },
+            "task_cfg": start["task_cfg"],
+        }
+        for b in lanes
+    }
     for _ in range(5):
         batch = {k: torch.cat([v, v]) for k, v in next(lanes["torch"].stream).items()}
         for b in lanes:

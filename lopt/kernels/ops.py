@@ -22,6 +22,20 @@ One call performs one small_fc_lopt step of one parameter tensor **in place**, e
 
 The caller increments its step counter. :func:`lopt.kernels.torch_backend.small_fc_step_` is the
 pure-torch twin with the same signature; both validate arguments with the same messages.
+
+The lane-batched form steps many independent copies ("lanes") of one tensor, each with its own θ
+and step counter, in one call (the meta-trainer's 2N inner problems; docs/design/lanes.md)::
+
+    lozoo::small_fc_lanes_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m, Tensor(c!) v,
+        Tensor(d!)? r, Tensor(e!)? c, Tensor(f!)? vd, Tensor decays, Tensor[] layers,
+        int d1, int d0, Tensor t, float lr, float weight_decay, float step_mult,
+        float exp_mult, bool maximize) -> ()
+
+Every tensor argument gains a leading lane axis L (``param`` ``[L, *S]``, ``decays`` ``[L, 7]``,
+each layer ``[L, ...]``; all contiguous except ``grad``), ``d1, d0`` are axes of S, and the
+pre-increment counters are a float32 tensor ``t`` of shape ``(L,)``. Lane i's result is
+bit-identical to ``small_fc_step_`` on the lane-i slices;
+:func:`lopt.kernels.torch_backend.small_fc_lanes_step_` is its pure-torch twin.
 """
 
 from __future__ import annotations
@@ -33,13 +47,21 @@ import torch
 from .. import core
 from ..config import SmallFCConfig
 from . import build
-from .validate import check_step_args
+from .validate import check_lanes_step_args, check_step_args
 
 OP_NAME = "lozoo::small_fc_step_"
 SCHEMA = (
     "lozoo::small_fc_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m, Tensor(c!) v, "
     "Tensor(d!)? r, Tensor(e!)? c, Tensor(f!)? vd, Tensor decays, Tensor[] layers, "
     "int d1, int d0, float t, float lr, float weight_decay, float step_mult, float exp_mult, "
+    "bool maximize) -> ()"
+)
+
+LANES_OP_NAME = "lozoo::small_fc_lanes_step_"
+LANES_SCHEMA = (
+    "lozoo::small_fc_lanes_step_(Tensor(a!) param, Tensor grad, Tensor(b!) m, Tensor(c!) v, "
+    "Tensor(d!)? r, Tensor(e!)? c, Tensor(f!)? vd, Tensor decays, Tensor[] layers, "
+    "int d1, int d0, Tensor t, float lr, float weight_decay, float step_mult, float exp_mult, "
     "bool maximize) -> ()"
 )
 
@@ -54,12 +76,20 @@ def _fake_step(
     check_step_args(param, grad, m, v, r, c, vd, decays, layers, d1, d0)
 
 
+def _fake_lanes_step(
+    param, grad, m, v, r, c, vd, decays, layers, d1, d0, t, lr, weight_decay, step_mult,
+    exp_mult, maximize,
+) -> None:  # fmt: skip
+    check_lanes_step_args(param, grad, m, v, r, c, vd, decays, layers, d1, d0, t)
+
+
 def load_cpp(build_if_needed: bool = True) -> build.BuildResult:
     """Load (building once if needed) the CPU library and register the op's fake kernel."""
     global _fake_registered
     result = build.load(build.CPU_LIB, build=build_if_needed)
     if result.ok and not _fake_registered:
         torch.library.register_fake(OP_NAME)(_fake_step)
+        torch.library.register_fake(LANES_OP_NAME)(_fake_lanes_step)
         _fake_registered = True
     return result
 
@@ -104,3 +134,8 @@ def theta_args(
 def step_op() -> torch._ops.OpOverload:
     """The loaded op (``torch.ops.lozoo.small_fc_step_.default``); load a library first."""
     return torch.ops.lozoo.small_fc_step_.default
+
+
+def lanes_step_op() -> torch._ops.OpOverload:
+    """The loaded lane-batched op (``torch.ops.lozoo.small_fc_lanes_step_.default``)."""
+    return torch.ops.lozoo.small_fc_lanes_step_.default

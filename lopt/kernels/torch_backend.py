@@ -22,7 +22,7 @@ import torch
 
 from .. import core
 from ..config import NUM_ELEMENT_FEATURES
-from .validate import check_step_args
+from .validate import check_lanes_step_args, check_step_args
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 16
 """Elements per chunk: ~28+3h floats each are live at once (≈ 7 MiB at h = 4, 32 MiB at h = 32)."""
@@ -126,3 +126,41 @@ def small_fc_step_(
         if weight_decay != 0.0:
             p32 = p32 * (1.0 - lr * weight_decay)
         p_chunk.copy_(p32 - lr * step)
+
+
+@torch.no_grad()
+def small_fc_lanes_step_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    r: torch.Tensor | None,
+    c: torch.Tensor | None,
+    vd: torch.Tensor | None,
+    decays: torch.Tensor,
+    layers: Sequence[torch.Tensor],
+    d1: int,
+    d0: int,
+    t: torch.Tensor,
+    lr: float,
+    weight_decay: float,
+    step_mult: float,
+    exp_mult: float,
+    maximize: bool,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> None:
+    """The pure-torch twin of ``lozoo::small_fc_lanes_step_``: :func:`small_fc_step_` per lane.
+
+    Lane i is stepped on the lane-i slices with θ ``(decays[i], [w[i] for w in layers])`` and
+    counter ``t[i]``, in place. A reference and a fallback, not a fast path: the meta-trainer's
+    portable fast path is the vmapped functional core.
+    """
+    check_lanes_step_args(param, grad, m, v, r, c, vd, decays, layers, d1, d0, t)
+    for lane, step in enumerate(t.tolist()):
+        r_lane, c_lane, vd_lane = (None if x is None else x[lane] for x in (r, c, vd))
+        small_fc_step_(
+            param[lane], grad[lane], m[lane], v[lane], r_lane, c_lane, vd_lane, decays[lane],
+            [w[lane] for w in layers], d1, d0, step, lr, weight_decay, step_mult, exp_mult,
+            maximize, chunk_elements=chunk_elements,
+        )  # fmt: skip

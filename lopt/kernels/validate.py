@@ -133,3 +133,77 @@ def _check_layers(layers: Sequence[torch.Tensor], param: torch.Tensor) -> int:
                 f"{_dtype(w.dtype)} on {w.device}"
             )
     return h
+
+
+_LANES_PREFIX = "lozoo::small_fc_lanes_step_: "
+
+
+def _lanes_fail(message: str) -> None:
+    raise RuntimeError(_LANES_PREFIX + message)
+
+
+def check_lanes_step_args(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    r: torch.Tensor | None,
+    c: torch.Tensor | None,
+    vd: torch.Tensor | None,
+    decays: torch.Tensor,
+    layers: Sequence[torch.Tensor],
+    d1: int,
+    d0: int,
+    t: torch.Tensor,
+) -> int:
+    """The checks of ``lozoo::small_fc_lanes_step_`` (csrc/small_fc_checks.h), same messages.
+
+    Every tensor needs the leading lane axis of ``param`` (and to be contiguous, since lanes are
+    addressed by offset); lane 0's slices must then be a valid ``small_fc_step_`` call. Returns
+    the MLP width h.
+    """
+    if param.dim() < 1:
+        _lanes_fail("param needs a leading lane axis, got a 0-d tensor")
+    lanes = int(param.shape[0])
+
+    def lane_axis(x: torch.Tensor, name: str, contiguous: bool = True) -> None:
+        if x.dim() < 1 or x.shape[0] != lanes:
+            _lanes_fail(
+                f"{name} must have param's {lanes} lanes on its leading axis, got shape "
+                f"{_shape(x.shape)}"
+            )
+        if contiguous and not x.is_contiguous():
+            _lanes_fail(f"{name} must be contiguous")
+
+    lane_axis(param, "param")
+    lane_axis(grad, "grad", contiguous=False)
+    for name, x in (("m", m), ("v", v), ("r", r), ("c", c), ("vd", vd), ("decays", decays)):
+        if x is not None:
+            lane_axis(x, name)
+    for i, w in enumerate(layers):
+        lane_axis(w, f"layers[{i}]")
+    if not (
+        t.device == param.device
+        and t.dtype == torch.float32
+        and t.dim() == 1
+        and t.shape[0] == lanes
+        and t.is_contiguous()
+    ):
+        _lanes_fail(
+            f"t must be a contiguous float32 tensor of shape ({lanes},) on param's device (one "
+            f"step counter per lane), got {_dtype(t.dtype)} of shape {_shape(t.shape)} on "
+            f"{t.device}"
+        )
+    if lanes == 0:
+        return 0
+
+    def first(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[0]
+
+    try:
+        return check_step_args(
+            param[0], grad[0], m[0], v[0], first(r), first(c), first(vd), decays[0],
+            [w[0] for w in layers], d1, d0,
+        )  # fmt: skip
+    except RuntimeError as err:
+        raise RuntimeError(f"{_LANES_PREFIX}per lane: {err}") from None
