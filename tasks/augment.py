@@ -73,6 +73,19 @@ class ReparamTask(Task):
     def loss(self, params: Mapping[str, Tensor], batch: Batch, lane_cfg: LaneCfg) -> Tensor:
         return self.base.loss(self._scaled(params, lane_cfg), batch, lane_cfg)
 
+    def lanes_grad_and_value(
+        self, params: Mapping[str, Tensor], batch: Batch, lane_cfg: LaneCfg
+    ) -> tuple[Params, Tensor]:
+        """The base task's batched gradients at ``params · s``, times ``s`` (the chain rule)."""
+        s = lane_cfg[REPARAM_KEY]
+
+        def per_lane(x: Tensor) -> Tensor:
+            return s.view(-1, *[1] * (x.dim() - 1))
+
+        scaled = {k: v * per_lane(v) for k, v in params.items()}
+        grads, loss = self.base.lanes_grad_and_value(scaled, batch, lane_cfg)
+        return {k: g * per_lane(g) for k, g in grads.items()}, loss
+
     def normalizer(self, loss: Tensor) -> Tensor:
         return self.base.normalizer(loss)
 

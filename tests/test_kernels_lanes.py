@@ -84,7 +84,9 @@ CONFIGS = {
 def test_lane_update_matches_the_vmapped_core(cfg, backend, reference):
     if backend == "cpp":
         cpp_step_fn()
-    update = kernel_lanes.lane_update(cfg, backend)
+    update = {"cpp": kernel_lanes.SMALL_FC_LANES, "torch": kernel_lanes.SMALL_FC_LANES_TORCH}[
+        backend
+    ]
     params, state = run(update, cfg)
     ref_params, ref_state = reference(cfg)
     start, _, _ = lane_problem(cfg)
@@ -156,16 +158,19 @@ def test_pure_update_lanes_leaves_its_inputs_alone():
     assert torch.equal(new_state["t"], before[1]["t"] + 1)
 
 
-def test_unregistered_architecture_has_no_lane_kernel_and_bad_backend_is_named():
-    class OtherConfig:
-        pass
-
-    assert kernel_lanes.lane_update(OtherConfig(), "cpp") is None
-    assert kernel_lanes.lane_update(lopt.ORIGINAL, "cpp") is kernel_lanes.SMALL_FC_LANES
-    with pytest.raises(ValueError, match="unknown lane backend 'cuda'; valid: cpp, torch"):
-        kernel_lanes.lane_update(lopt.ORIGINAL, "cuda")
-    with pytest.raises(ValueError, match="unknown lane backend 'gpu'; valid: cpp, torch"):
-        kernel_lanes.register_lane_update(OtherConfig, "gpu", kernel_lanes.SMALL_FC_LANES)
+def test_small_fc_registers_its_lane_kernel_and_other_forms_are_adapted():
+    assert lopt.get_architecture("small_fc_lopt").lanes_update is kernel_lanes.SMALL_FC_LANES
+    assert kernel_lanes.as_lane_update(kernel_lanes.SMALL_FC_LANES) is kernel_lanes.SMALL_FC_LANES
+    # the pure form (theta_lanes, state, params, grads, cfg) -> (params, state) is written back
+    cpp_step_fn()
+    wrapped = kernel_lanes.as_lane_update(kernel_lanes.update_lanes)
+    params, state = run(wrapped, lopt.ORIGINAL)
+    ref_params, ref_state = run(kernel_lanes.SMALL_FC_LANES, lopt.ORIGINAL)
+    for name in SHAPES:
+        assert torch.equal(params[name], ref_params[name]), name
+    assert torch.equal(state["t"], ref_state["t"])
+    with pytest.raises(TypeError, match="lanes_update must be a lopt.kernels.lanes.LaneUpdate"):
+        kernel_lanes.as_lane_update(3)
 
 
 # -- the op's contract: schema, opcheck, bad inputs on every implementation ----------------------

@@ -24,6 +24,11 @@ CASES = {
     "mlp_canonical_fashion": ("mlp_fashion_mnist", dict(canonical=True)),
     "conv_8x8_depth2": ("conv_mnist", dict(image_sizes=8, depth=2, channels=6, batch_size=8)),
     "conv_14x14_depth3": ("conv_mnist", dict(image_sizes=14, depth=3, channels=4, batch_size=4)),
+    "mlp_digits": ("mlp_digits", {}),
+    "mlp_reparam": (
+        "mlp_mnist",
+        dict(image_sizes=8, depth=1, width=8, batch_size=8, reparam_scale=(0.01, 100.0)),
+    ),
 }
 
 
