@@ -290,3 +290,18 @@ def test_cli_unknown_optimizer_lists_the_baselines(tmp_path, zroot, capsys):
     argv = ["--suite", "generalisation", "--optimizer", "nope/none", "--out", str(tmp_path / "o")]
     assert eval_cli.main(argv) == 2
     assert "baselines: adamw, muon, sgd" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["small_fc_lopt", "mlp_lopt", "celo2", "velo"])
+def test_every_registered_architecture_runs_through_its_shell(arch, tmp_path):
+    import lopt
+
+    cfg = lopt.get_architecture(arch).preset()
+    theta = lopt.get_architecture(arch).init_theta(cfg, generator=torch.Generator().manual_seed(0))
+    path = lopt.save_theta(tmp_path / f"{arch}.safetensors", theta, cfg)
+    spec = resolve_spec(str(path))
+    assert spec.kind == "learned" and spec.identity["architecture"] == arch
+    assert spec.identity["theta_sha256"] == lopt.theta_sha256(theta)
+    problem = get_problem("digits_mlp")
+    result = train_run(problem, problem.make_task(), spec, RunConfig(1.0), 0, 5)
+    assert result.steps == 5 and np.isfinite(result.train_loss[0])
