@@ -20,6 +20,7 @@ from metatrain.generalisation import (
     RunConfig,
     RunResult,
     SuiteConfig,
+    comparison_markdown,
     evaluate_suite,
     iqm_with_ci,
     lr_grid,
@@ -253,6 +254,14 @@ def test_learned_optimizer_runs_through_lopt_and_publishes_to_its_card(tmp_path,
     assert entry.version == "1.0.1"
     assert "suite digits_mlp" in entry.card and "suite_summary.png" in entry.card
     assert result.report["published"]["ref"] == entry.ref
+    table = comparison_markdown([result.report])
+    assert "| digits_mlp (20 steps) | adamw |" in table
+    assert f"| digits_mlp (20 steps) | {result.spec.name} |" in table
+    assert f"- {result.spec.name}: IQM normalised final train loss" in table
+    other = json.loads(json.dumps(result.report))
+    other["problems"][0]["name"] = "fmnist_mlp"
+    with pytest.raises(ValueError, match="different problems"):
+        comparison_markdown([result.report, other])
 
 
 def test_max_time_reports_the_finished_problems(tmp_path):

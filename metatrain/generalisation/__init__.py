@@ -16,7 +16,7 @@ in :mod:`tasks.heldout`; the protocol is described in docs/design/generalisation
 
 from .config import RunConfig, SuiteConfig, lr_grid, run_grid
 from .optimizers import BASELINES, OptimizerSpec, resolve_spec
-from .report import iqm_with_ci, markdown, normalised_loss, speedup
+from .report import comparison_markdown, iqm_with_ci, markdown, normalised_loss, speedup
 from .runner import ResultCache, RunResult, train_run
 from .schema import SUITE_SCHEMA, validate_report
 from .suite import SuiteResult, evaluate_suite
@@ -32,6 +32,7 @@ __all__ = [
     "SuiteConfig",
     "SuiteResult",
     "Tuned",
+    "comparison_markdown",
     "evaluate_suite",
     "iqm_with_ci",
     "lr_grid",

@@ -37,6 +37,7 @@ __all__ = [
     "FRACTIONS",
     "SCHEMA",
     "build_report",
+    "comparison_markdown",
     "iqm_with_ci",
     "markdown",
     "normalised_loss",
@@ -290,6 +291,57 @@ def _ci(agg: Mapping[str, Any]) -> str:
     return f"{agg['iqm']:.3g} [{lo:.3g}, {hi:.3g}]"
 
 
+_TABLE_HEAD = (
+    "| problem | optimizer | best (lr, schedule, wd) | loss@25% | @50% | @75% | @100% | "
+    "final train loss | train acc | test loss | test acc | diverged | speedup vs AdamW |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+)
+
+
+def _row(problem: Mapping[str, Any], who: str, t: Mapping[str, Any], speed: Any) -> str:
+    s, f = t["smoothed_train_loss"], t["final"]
+    edge = " (edge)" if t["lr_at_grid_edge"] else ""
+    div = f"{t['diverged_seeds']}/{t['seeds']}"
+    speed = "1 (reference)" if speed is None else _pm(mean_se(speed))
+    return (
+        f"| {problem['name']} ({problem['steps']} steps) | {who} | {_cfg(t['best'])}{edge} | "
+        + " | ".join(_pm(s[str(q)]) for q in FRACTIONS)
+        + f" | {_pm(f['train_loss'])} | {_pm(f['train_accuracy'])} | {_pm(f['test_loss'])} "
+        f"| {_pm(f['test_accuracy'])} | {div} | {speed} |"
+    )
+
+
+def comparison_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
+    """One table for several optimizers' reports against the same AdamW (e.g. for README):
+    the AdamW rows once, then every optimizer's row per problem, then each one's IQMs."""
+    if not reports:
+        raise ValueError("comparison_markdown needs at least one report")
+    names = [r["config"]["optimizer_spec"]["name"] for r in reports]
+    problems = [p["name"] for p in reports[0]["problems"]]
+    for r in reports[1:]:
+        if [p["name"] for p in r["problems"]] != problems:
+            raise ValueError("the reports cover different problems; compare like with like")
+    lines = list(_TABLE_HEAD)
+    for i in range(len(problems)):
+        first = reports[0]["problems"][i]
+        lines.append(
+            _row(first, reports[0]["config"]["reference_spec"]["name"], first["reference"], None)
+        )
+        for r, who in zip(reports, names):
+            if who != r["config"]["reference_spec"]["name"]:
+                p = r["problems"][i]
+                lines.append(_row(p, who, p["optimizer"], p["comparison"]["speedup"]))
+    lines.append("")
+    for r, who in zip(reports, names):
+        if who != r["config"]["reference_spec"]["name"]:
+            agg = r["aggregate"]
+            lines.append(
+                f"- {who}: IQM normalised final train loss {_ci(agg['normalised_final_loss'])}, "
+                f"IQM speedup over AdamW {_ci(agg['speedup'])}"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     """The report as Markdown tables (what README and the zoo card show)."""
     cfg = report["config"]
@@ -301,26 +353,12 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"{len(cfg['schedules'])} schedules × {len(cfg['weight_decays'])} weight decays; "
         f"steps × {cfg['steps_scale']:g}).",
         "",
-        "| problem | optimizer | best (lr, schedule, wd) | loss@25% | @50% | @75% | @100% | "
-        "final train loss | train acc | test loss | test acc | diverged | speedup vs AdamW |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *_TABLE_HEAD,
     ]
     for p in report["problems"]:
-        rows = [(ref, p["reference"], None)]
+        lines.append(_row(p, ref, p["reference"], None))
         if name != ref:
-            rows.append((name, p["optimizer"], p["comparison"]["speedup"]))
-        for who, t, sp in rows:
-            s = t["smoothed_train_loss"]
-            f = t["final"]
-            edge = " (edge)" if t["lr_at_grid_edge"] else ""
-            div = f"{t['diverged_seeds']}/{t['seeds']}"
-            speed = "1 (reference)" if sp is None else _pm(mean_se(sp))
-            lines.append(
-                f"| {p['name']} ({p['steps']} steps) | {who} | {_cfg(t['best'])}{edge} | "
-                + " | ".join(_pm(s[str(q)]) for q in FRACTIONS)
-                + f" | {_pm(f['train_loss'])} | {_pm(f['train_accuracy'])} | {_pm(f['test_loss'])} "
-                f"| {_pm(f['test_accuracy'])} | {div} | {speed} |"
-            )
+            lines.append(_row(p, name, p["optimizer"], p["comparison"]["speedup"]))
     agg = report["aggregate"]
     lines += [
         "",
