@@ -182,26 +182,15 @@ def _text() -> Task:
 
 _FM = "Fashion-MNIST IDX (train: first 48,000 of the training set; test: official 10,000)"
 _DIG = "scikit-learn digits (1,797 8×8 images; 80/20 per-class split)"
-PROBLEMS: Mapping[str, HeldOutProblem] = MappingProxyType(
-    {
-        p.name: p
-        for p in (
-            HeldOutProblem("digits_mlp", "digits MLP 64-64-10, B64", 2000, DigitsMLPTask, _DIG),
-            HeldOutProblem("fmnist_mlp", "F-MNIST MLP 784-128-128-10 B128", 3000, _fmnist_mlp, _FM),
-            HeldOutProblem("fmnist_conv", "F-MNIST conv 16-32 lin B128", 1500, _fmnist_conv, _FM),
-            HeldOutProblem(
-                "text_transformer",
-                "char transformer 2×64, ctx 64, B32",
-                1000,
-                _text,
-                "Debian fortunes (tasks.text), 1 in 10 entries held out",
-            ),
-            HeldOutProblem(
-                "digits_mlp_long", "digits MLP, 10× horizon", 20000, DigitsMLPTask, _DIG
-            ),
-        )
-    }
-)  # fmt: skip
+_TEXT = "Debian fortunes (tasks.text), 1 in 10 entries held out"
+_ALL = (
+    HeldOutProblem("digits_mlp", "digits MLP 64-64-10, B64", 2000, DigitsMLPTask, _DIG),
+    HeldOutProblem("fmnist_mlp", "F-MNIST MLP 784-128-128-10, B128", 3000, _fmnist_mlp, _FM),
+    HeldOutProblem("fmnist_conv", "F-MNIST conv 16-32 + linear, B128", 1500, _fmnist_conv, _FM),
+    HeldOutProblem("text_transformer", "char transformer 2×64, ctx 64, B32", 1000, _text, _TEXT),
+    HeldOutProblem("digits_mlp_long", "digits MLP, 10× horizon", 20000, DigitsMLPTask, _DIG),
+)
+PROBLEMS: Mapping[str, HeldOutProblem] = MappingProxyType({p.name: p for p in _ALL})
 PROBLEM_NAMES: tuple[str, ...] = tuple(PROBLEMS)
 
 

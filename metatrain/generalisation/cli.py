@@ -6,6 +6,7 @@ import argparse
 import logging
 import shlex
 import sys
+import textwrap
 
 from tasks.heldout import PROBLEMS
 
@@ -40,10 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m metatrain.eval --suite generalisation",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Tune an optimizer and AdamW the same way on held-out real problems "
-        "(lr grid × {constant, cosine} × weight decay {0, 0.01}, best by final train loss, "
-        "re-run on every seed) and report losses, accuracies, divergence, the speedup over "
-        "AdamW and IQMs with bootstrap CIs (rliable). Runs are cached on disk.\n\nproblems:\n"
+        description=textwrap.fill(
+            "Tune an optimizer and AdamW the same way on held-out real problems (lr grid × "
+            "{constant, cosine} × weight decay {0, 0.01}, best by final train loss, re-run on "
+            "every seed) and report losses, accuracies, divergence, the speedup over AdamW and "
+            "IQMs with bootstrap CIs (rliable). Runs are cached on disk.",
+            78,
+        )
+        + "\n\nproblems:\n"
         + problems,
     )
     add = p.add_argument
