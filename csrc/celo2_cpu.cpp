@@ -5,7 +5,9 @@
 //      results do not depend on the thread count.
 //   B. Fold each slice's per-channel normalisation into its copy of w0 (exact up to rounding),
 //      then per block: features → MLP → direction.
-// The caller has already updated the accumulators and reduced the row/column statistics; it runs
+// Sweep A also advances the momenta m and the second moment v in place (they are arguments the
+// op mutates). The caller has updated the factored / diagonal second moments and reduced the
+// row/column statistics (they need a reduction over the whole tensor first); it runs
 // Newton–Schulz and the output normalisation on the result (batched GEMMs in torch).
 // Blocks are structure-of-arrays so the compiler vectorises across elements; the block functions
 // are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (target_clones).
@@ -27,8 +29,8 @@ constexpr int kBlock = 16;
 struct Slice {
   const float* g;     // (R, C)
   const float* p;     // (R, C)
-  const float* m;     // (R, C, 3)
-  const float* v;     // (R, C)
+  float* m;           // (R, C, 3), updated in place by sweep A
+  float* v;           // (R, C), updated in place by sweep A
   const float* row;   // (KR, 9) or null
   const float* col;   // (KC, 9) or null
   const float* diag;  // (R·C, 3) or null (rank <= 1)
@@ -45,16 +47,19 @@ struct Slice {
 // Features of elements [j0, j0 + n) of row i, structure-of-arrays: x[c * kBlock + e]. The
 // variant (factored or diagonal; row statistics indexed by i or by j) is a template parameter
 // so the element loop has no branches and vectorises.
-template <bool kFactored, bool kRowByI>
+// With kUpdate (sweep A) the momenta and the second moment are first advanced in place with ĝ;
+// sweep B then reads the updated values.
+template <bool kFactored, bool kRowByI, bool kUpdate>
 inline __attribute__((always_inline)) void block_features(const Slice& s, int64_t i, int64_t j0,
                                                           int n, float* __restrict x) {
   const int64_t base = i * s.cols + j0;
   const float* __restrict gp = s.g + base;
   const float* __restrict pp = s.p + base;
-  const float* __restrict vp = s.v + base;
-  const float* __restrict mp = s.m + 3 * base;
+  float* __restrict vp = s.v + base;
+  float* __restrict mp = s.m + 3 * base;
   for (int e = 0; e < n; ++e) {
     const float g = clampf(gp[e], -kGradClip, kGradClip);
+    if constexpr (kUpdate) advance_moments(g, mp + 3 * e, vp + e);
     const float v = vp[e];
     const float r = 1.0f / std::sqrt(v + kEpsRsqrt);
     x[0 * kBlock + e] = g;
@@ -105,7 +110,7 @@ inline __attribute__((always_inline)) void sum_squares_t(const Slice& s, int64_t
   for (int64_t i = i0; i < i1; ++i) {
     for (int64_t j0 = 0; j0 < s.cols; j0 += kBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kBlock, s.cols - j0));
-      block_features<kFactored, kRowByI>(s, i, j0, n, x);
+      block_features<kFactored, kRowByI, true>(s, i, j0, n, x);
       for (int c = 0; c < channels; ++c) {
         float acc = 0.0f;
         for (int e = 0; e < n; ++e) acc += x[c * kBlock + e] * x[c * kBlock + e];
@@ -136,7 +141,7 @@ inline __attribute__((always_inline)) void directions_t(const Slice& s, const Ml
   for (int64_t i = i0; i < i1; ++i) {
     for (int64_t j0 = 0; j0 < s.cols; j0 += kBlock) {
       const int n = static_cast<int>(std::min<int64_t>(kBlock, s.cols - j0));
-      block_features<kFactored, kRowByI>(s, i, j0, n, x);
+      block_features<kFactored, kRowByI, false>(s, i, j0, n, x);
       for (int c = 0; c < channels; ++c)  // keep the tail lanes finite
         for (int e = n; e < kBlock; ++e) x[c * kBlock + e] = 0.0f;
       for (int o = 0; o < kHidden; ++o)
@@ -246,7 +251,7 @@ at::Tensor celo2_direction_cpu(const at::Tensor& grad, const at::Tensor& param,
     Slice s;
     s.g = grad.data_ptr<float>() + l * R * C;
     s.p = param.data_ptr<float>() + l * R * C;
-    s.m = m.data_ptr<float>() + l * R * C * 3;
+    s.m = m.data_ptr<float>() + l * R * C * 3;  // NOLINT: mutated in place (schema m(a!))
     s.v = v.data_ptr<float>() + l * R * C;
     s.cols = C;
     s.row_by_i = row_by_i;
@@ -304,7 +309,7 @@ at::Tensor celo2_direction_cpu(const at::Tensor& grad, const at::Tensor& param,
 
 TORCH_LIBRARY_FRAGMENT(lozoo, m) {
   m.def(
-      "celo2_direction(Tensor grad, Tensor param, Tensor m, Tensor v, Tensor? row_stats, "
+      "celo2_direction(Tensor grad, Tensor param, Tensor(a!) m, Tensor(b!) v, Tensor? row_stats, "
       "Tensor? col_stats, Tensor? v_diag, Tensor w0, Tensor b0, Tensor w1, Tensor b1, "
       "Tensor w2, Tensor b2, bool row_by_i) -> Tensor");
 }

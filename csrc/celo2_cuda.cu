@@ -1,6 +1,7 @@
 // CUDA kernel of lozoo::celo2_direction (the CPU library, celo2_cpu.cpp, defines the op and
 // documents its arguments). Two launches on the current stream: per-slice, per-channel sums of
-// squares (one double atomic per warp, slice and channel), then one thread per element:
+// squares (one double atomic per warp, slice and channel), advancing m and v in place, then one
+// thread per element:
 // features → MLP with the slice's normaliser folded into w0 → direction. The fold runs as ATen ops
 // on the device in between, so nothing syncs the host. The per-element math is celo2_math.h,
 // shared with the CPU kernel.
@@ -20,8 +21,8 @@ constexpr int kThreads = 256;
 struct View {
   const float* g;
   const float* p;
-  const float* m;
-  const float* v;
+  float* m;  // advanced in place by the sums kernel
+  float* v;
   const float* row;   // (L, KR, 9) or null
   const float* col;   // (L, KC, 9) or null
   const float* diag;  // (N, 3) or null
@@ -30,7 +31,8 @@ struct View {
   bool row_by_i;
 };
 
-__device__ __forceinline__ void element_features(const View& s, int64_t e, float* x) {
+__device__ __forceinline__ void element_features(const View& s, int64_t e, float* x,
+                                                 bool update) {
   const int64_t per_slice = s.R * s.C;
   const int64_t l = e / per_slice;
   const int64_t rem = e - l * per_slice;
@@ -42,6 +44,7 @@ __device__ __forceinline__ void element_features(const View& s, int64_t e, float
     row = s.row + (l * s.kr + (s.row_by_i ? i : j)) * kStatWidth;
     col = s.col + (l * s.kc + (s.row_by_i ? j : i)) * kStatWidth;
   }
+  if (update) advance_moments(clampf(s.g[e], -kGradClip, kGradClip), s.m + 3 * e, s.v + e);
   features(s.g[e], s.p[e], s.m + 3 * e, s.v[e], row, col, s.diag ? s.diag + 3 * e : nullptr, x);
 }
 
@@ -55,7 +58,7 @@ __global__ void sums_kernel(View s, int channels, double* sums) {
   float x[kChannels];
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < per_slice;
        k += int64_t(gridDim.x) * blockDim.x) {
-    element_features(s, l * per_slice + k, x);
+    element_features(s, l * per_slice + k, x, true);
 #pragma unroll
     for (int c = 0; c < kChannels; ++c)
       if (c < channels) acc[c] += x[c] * x[c];
@@ -75,7 +78,7 @@ __global__ void direction_kernel(View s, int channels, const float* w0s, const f
   const int64_t n = s.L * s.R * s.C;
   if (e >= n) return;
   float x[kChannels];
-  element_features(s, e, x);
+  element_features(s, e, x, false);
   float w2c[kHidden];
 #pragma unroll
   for (int o = 0; o < kHidden; ++o) w2c[o] = w2[o * 3];

@@ -19,6 +19,17 @@ constexpr float kGradClip = 1000.0f;
 constexpr float kFeatureClip = 0.1f;
 constexpr float kEpsSafe = 1e-9f;
 constexpr float kEpsRsqrt = 1e-8f;
+constexpr float kBetaV = 0.95f;
+
+// The momentum decays 0.9, 0.99, 0.999 (a function, so host and device code share it).
+LOZOO_C2_HD float beta_m(int k) { return k == 0 ? 0.9f : (k == 1 ? 0.99f : 0.999f); }
+
+// m_k ← β_k·m_k + (1 − β_k)·ĝ and v ← 0.95·v + 0.05·ĝ² in place (ĝ already clipped), with the
+// (1 − β) factors rounded to float first, as torch computes them.
+LOZOO_C2_HD void advance_moments(float g, float* m, float* v) {
+  *v = kBetaV * *v + (1.0f - kBetaV) * (g * g);
+  for (int k = 0; k < 3; ++k) m[k] = beta_m(k) * m[k] + (1.0f - beta_m(k)) * g;
+}
 
 LOZOO_C2_HD float clampf(float x, float lo, float hi) {
   // NaN passes through, as torch.clamp does.

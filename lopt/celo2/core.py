@@ -230,16 +230,21 @@ def newton_schulz(x: torch.Tensor) -> torch.Tensor:
     """Quintic Newton–Schulz orthogonalisation over the last two axes, batched over the rest.
 
     Works in the wide orientation (transposing tall matrices), normalises each matrix by its
-    Frobenius norm + 1e-8 and runs 5 iterations of ``X ← aX + (bA + cA²)X`` with ``A = XXᵀ``.
+    Frobenius norm + 1e-8 and runs 5 iterations of ``X ← aX + (bA + cA²)X`` with ``A = XXᵀ``, as
+    batched GEMMs whose scale-and-add is fused into the GEMM (``baddbmm``).
     """
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
+    shape = x.shape
     x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + EPS_NS)
+    x = x.reshape(-1, shape[-2], shape[-1])
     a, b, c = NS_COEFFS
     for _ in range(NS_STEPS):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        gram = torch.bmm(x, x.mT)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a)
+    x = x.reshape(shape)
     return x.mT if tall else x
 
 

@@ -95,10 +95,11 @@ def theta_args(theta: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
 def kernel_direction_(
     args: list[torch.Tensor], p: torch.Tensor, g: torch.Tensor, state: dict, orthogonalize: bool
 ) -> torch.Tensor:
-    """Unit-RMS direction of a float32 reference-frame tensor (rank >= 1); updates ``state``.
+    """The (orthogonalised) direction of a float32 reference-frame tensor (rank >= 1) before the
+    unit-RMS rescale (see :func:`unit_rms_scale`); updates ``state`` in place.
 
-    Same math as :func:`lopt.celo2.core.reference_direction`, with the accumulators updated in
-    place and the features + MLP in the fused op.
+    ``d · unit_rms_scale(d)`` is :func:`lopt.celo2.core.reference_direction`'s ``u``; the
+    accumulators are updated in place and the features + MLP run in the fused op.
     """
     shape = tuple(p.shape)
     n = len(shape)
@@ -106,10 +107,9 @@ def kernel_direction_(
     p = p.contiguous()
     clipped = g.clamp(-core.GRAD_CLIP, core.GRAD_CLIP)
     g3 = clipped.unsqueeze(-1)
-    bm = torch.tensor(core.MOMENTUM_DECAYS, dtype=torch.float32, device=g.device)
     bf = torch.tensor(core.FACTORED_DECAYS, dtype=torch.float32, device=g.device)
-    state["m"].mul_(bm).add_((1 - bm) * g3)
-    state["v"].mul_(core.SECOND_MOMENT_DECAY).add_((1 - core.SECOND_MOMENT_DECAY) * (g3 * g3))
+    # m and v are advanced by the op itself (in its first sweep); the factored statistics need a
+    # reduction over the whole tensor first, so they are updated here.
     q = g3 * g3 + core.EPS_GSQ
     axes = core.factored_axes(shape)
     if axes is None:
@@ -149,7 +149,13 @@ def kernel_direction_(
     ).view(shape)  # fmt: skip
     if orthogonalize and n >= 2:
         d = core.newton_schulz(d)
-    return core.rms_normalize(d)
+    return d
+
+
+def unit_rms_scale(d: torch.Tensor) -> torch.Tensor:
+    """``rsqrt(1e-9 + mean(d²))`` over the last two axes (keepdim): ``u = d · scale``."""
+    dims = (-2, -1) if d.dim() >= 2 else (-1,)
+    return (d.square().mean(dim=dims, keepdim=True) + core.EPS_SAFE).rsqrt()
 
 
 @torch.no_grad()
@@ -170,8 +176,20 @@ def step_learned_(
     g = core.to_reference(grad.float(), cfg)
     ref_shape = core.reference_shape(param.shape, cfg)
     if use_kernel and args is not None and kernel_handles(ref_shape):
-        u = kernel_direction_(args, p.reshape(ref_shape), g.reshape(ref_shape), state,
+        d = kernel_direction_(args, p.reshape(ref_shape), g.reshape(ref_shape), state,
                               cfg.orthogonalize)  # fmt: skip
+        scale = unit_rms_scale(d)
+        if param.dtype == torch.float32:  # rescale and step in one pass over the parameter
+            eta = lr
+            if weight_decay:
+                param.mul_(1 - eta * weight_decay)
+            if param.dim() == 0:
+                param.add_((d * scale).reshape(()), alpha=-eta * cfg.step_mult)
+            else:
+                d, scale = core.from_reference(d, cfg), core.from_reference(scale, cfg)
+                param.addcmul_(d, scale, value=-eta * cfg.step_mult)
+            return
+        u = d * scale
         u = core.from_reference(u.reshape(p.shape) if p.dim() == 0 else u, cfg)
     else:
         u, new_state = core.learned_direction(theta, param, grad, state, cfg)
