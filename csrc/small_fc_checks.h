@@ -70,7 +70,7 @@ inline Geometry check_step_args(const at::Tensor& param, const at::Tensor& grad,
   LOZOO_CHECK(param.numel() < (int64_t(1) << 62), "param is too large");
 
   std::vector<int64_t> shape = param.sizes().vec();
-  if (shape.empty()) shape = {1};  // spec §4.3: a scalar is stepped as one element of rank 1
+  if (shape.empty()) shape = {1};  // docs/design/small_fc_lopt.md §4.3: a scalar is stepped as one element of rank 1
   const int64_t rank = static_cast<int64_t>(shape.size());
   auto plus3 = [](std::vector<int64_t> s, int64_t last) {
     s.push_back(last);

@@ -1,4 +1,4 @@
-// CPU kernel of lozoo::small_fc_step_ (spec §13): three sweeps over a tensor, never the n×39
+// CPU kernel of lozoo::small_fc_step_ (docs/design/small_fc_lopt.md §13): three sweeps over a tensor, never the n×39
 // feature matrix.
 //   0. (rank ≥ 2) Reduce g² + 1e-30 along d0 and d1, update r and c, compute the row/col factors.
 //   1. Per tile: update m, v (vd), build the 28 features, sum their squares per channel.
@@ -240,7 +240,7 @@ std::vector<MlpLayer> mlp_layers(at::TensorList layers, int64_t lane, bool lane_
 }
 
 // Step 2 prologue: the MLP with the normalisation folded into w0's rows and the time features
-// into b0 (spec §13), zero-padded to the register tile. Returns the storage of `layers`.
+// into b0 (design §13), zero-padded to the register tile. Returns the storage of `layers`.
 at::Tensor fold_layers(const std::vector<MlpLayer>& theta, const double* sums, int64_t n, double t,
                        int64_t h, std::vector<Layer>& layers) {
   const int num = static_cast<int>(theta.size());

@@ -190,7 +190,7 @@ LOZOO_INLINE void features_factored(int len, const float* __restrict g,
   }
 }
 
-// The 28 raw features of a block from the *updated* state (spec §4.4 step 3). Lanes past `len`
+// The 28 raw features of a block from the *updated* state (docs/design/small_fc_lopt.md §4.4 step 3). Lanes past `len`
 // are zeroed so they add nothing to the channel sums and cannot produce NaNs or denormals.
 // Without `with_stats` the factored channels 13-24 are left out: they are constant along d0 or
 // d1, so pass 1 sums their squares from the statistics instead (stat_channel_sums).
@@ -209,7 +209,7 @@ LOZOO_INLINE void fill_features(const Ctx& c, int64_t e0, int len, const Scratch
       std::memset(x + ch * kBlock + len, 0, sizeof(float) * (kBlock - len));
 }
 
-// Accumulator updates of one block (spec §4): momenta, RMS and, for rank ≤ 1, vd.
+// Accumulator updates of one block (design §4): momenta, RMS and, for rank ≤ 1, vd.
 LOZOO_INLINE void update_moments(const Ctx& c, int len, const float* __restrict g,
                                  float* __restrict m, float* __restrict v, float* __restrict vd) {
   const float bm0 = c.bm[0], bm1 = c.bm[1], bm2 = c.bm[2];
@@ -266,7 +266,7 @@ LOZOO_INLINE bool summed_per_element(bool factored, int ch) {
   return !((ch >= 16 && ch < 19) || (ch >= 22 && ch < 25));
 }
 
-// Pass 2 of spec §13 for one tile: update m, v (and vd) per element and add the squares of the
+// Pass 2 of design §13 for one tile: update m, v (and vd) per element and add the squares of the
 // 28 features to the tile's channel sums.
 template <int VW, typename T>
 LOZOO_INLINE void accumulate_tile(const Ctx& c, int64_t tile, float* scratch_base, int hmax) {

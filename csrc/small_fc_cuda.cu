@@ -1,4 +1,4 @@
-// CUDA kernel of lozoo::small_fc_step_, same semantics and passes as the CPU kernel (spec §13):
+// CUDA kernel of lozoo::small_fc_step_, same semantics and passes as the CPU kernel (docs/design/small_fc_lopt.md §13):
 //   0. (rank ≥ 2) Σ g² over d0 and over d1 (any rank: indices from the [A, Sa, B, Sb, C] view,
 //      trap T2), update r and c, Σ r over d1 for the row-factor mean (over d1 only, trap T1).
 //   1. accumulate_kernel: update m, v (vd), build the 28 features, per-block channel sums of
@@ -78,7 +78,7 @@ __global__ void reduce_middle_kernel(const T* __restrict__ x, int64_t outer, int
   if (lane == 0) out[warp] = sum;
 }
 
-// state[i, k] ← ema(β_f,k, state[i, k], sum[i] / len): the r or c update of spec §4.2.
+// state[i, k] ← ema(β_f,k, state[i, k], sum[i] / len): the r or c update of design §4.2.
 __global__ void update_stat_kernel(float* __restrict__ state, const double* __restrict__ sums,
                                    int64_t count, double len, const float* __restrict__ decays) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

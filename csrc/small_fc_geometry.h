@@ -1,4 +1,4 @@
-// Index geometry of the factored statistics for a tensor of any rank (spec §4.2, trap T2).
+// Index geometry of the factored statistics for a tensor of any rank (docs/design/small_fc_lopt.md §4.2, trap T2).
 //
 // With a < b the two factored axes (d0 and d1 in either order), the tensor is viewed as the 5-D
 // row-major array [A, Sa, B, Sb, C]: A = prod(S[:a]), Sa = S[a], B = prod(S[a+1:b]), Sb = S[b],

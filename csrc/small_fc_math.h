@@ -1,4 +1,4 @@
-// Per-element math of small_fc_lopt (shared/spec/small_fc_lopt.md §4-§6), shared verbatim by the
+// Per-element math of small_fc_lopt (docs/design/small_fc_lopt.md §4-§6), shared verbatim by the
 // CPU kernel (small_fc_cpu.cpp) and the CUDA kernel (small_fc_cuda.cu) so both compute exactly the
 // same formulas, in the same order, as lopt/core.py.
 //
@@ -45,12 +45,12 @@ LOZOO_HD float ema(float beta, float one_minus_beta, float old, float x) {
 
 LOZOO_HD float squared_grad(float g) { return g * g + kEpsGsq; }
 
-// Adafactor factors (spec §4.2): r is normalised by its mean over axis d1 only; c is not.
+// Adafactor factors (design §4.2): r is normalised by its mean over axis d1 only; c is not.
 LOZOO_HD float row_factor(float r, float r_mean) { return safe_rsqrt(r / (r_mean + kEpsRsqrt)); }
 LOZOO_HD float col_factor(float c) { return safe_rsqrt(c); }
 LOZOO_HD float stat_rsqrt(float s) { return rsqrt_exact(s + kEpsRowCol); }
 
-// tanh(t/τ_j − 1) for the pre-increment counter t (spec §5.3).
+// tanh(t/τ_j − 1) for the pre-increment counter t (design §5.3).
 LOZOO_HD float time_feature(float t, int j) {
   const float tau[kTimeFeatures] = {1.f,   3.f,   10.f,   30.f,   100.f,  300.f,
                                     1e3f,  3e3f,  1e4f,   3e4f,   1e5f};
@@ -72,7 +72,7 @@ LOZOO_HD void common_features(float g, float p, const float* m, float v, float* 
   x[9 * stride] = rv;
 }
 
-// Channels 10-12 and 25-27 for rank ≥ 2 (spec §5.1): `mult[k]` = row_factor·col_factor.
+// Channels 10-12 and 25-27 for rank ≥ 2 (design §5.1): `mult[k]` = row_factor·col_factor.
 LOZOO_HD void factored_element_features(float g, const float* m, const float* mult, float* x,
                                         int64_t stride) {
 #pragma unroll
@@ -102,7 +102,7 @@ LOZOO_HD void factored_features(float g, const float* m, const float* mult, cons
   factored_stat_features(row, col, row_rs, col_rs, x, stride);
 }
 
-// Channels 10-27 for rank 0/1 (spec §5.2); trap T3: the momentum factor uses eps 1e-6, no clamp.
+// Channels 10-27 for rank 0/1 (design §5.2); trap T3: the momentum factor uses eps 1e-6, no clamp.
 LOZOO_HD void unfactored_features(float g, const float* m, const float* vd, float* x,
                                   int64_t stride) {
 #pragma unroll
@@ -146,7 +146,7 @@ LOZOO_HD float exp_vec(float x) {
 #endif
 }
 
-// step = step_mult · d · exp(exp_mult · m) (spec §6), evaluated left to right like lopt/core.py.
+// step = step_mult · d · exp(exp_mult · m) (design §6), evaluated left to right like lopt/core.py.
 LOZOO_HD float learned_step(float d, float mag, float step_mult, float exp_mult) {
   return step_mult * d * exp_vec(exp_mult * mag);
 }

@@ -1,4 +1,4 @@
-"""Typed configuration of small_fc_lopt (spec: shared/spec/small_fc_lopt.md §2, §9).
+"""Typed configuration of small_fc_lopt (design: docs/design/small_fc_lopt.md §2, §9).
 
 A :class:`SmallFCConfig` fixes everything about the optimizer that is *not* meta-learned: MLP
 shape, output scales, base decays and the factored-dims tie rule. θ (the meta-parameters) is a
@@ -32,7 +32,7 @@ class SmallFCConfig:
     ``MetaMLP(39, h, 1)`` is the same network.
 
     ``tie_break`` selects which axis wins when the two largest dims of a tensor tie
-    (small_fc_lopt.md §10): ``"first"`` reproduces the JAX reference on PyTorch ``(out, in)``
+    (design §10): ``"first"`` reproduces the JAX reference on PyTorch ``(out, in)``
     tensors, ``"last"`` is the rule applied to the tensor as stored (PyLO-compatible).
     """
 
@@ -100,7 +100,7 @@ class SmallFCConfig:
 
     @property
     def num_params(self) -> int:
-        """Size of θ: 197 for h = 4 and 2,409 for h = 32 (spec §3)."""
+        """Size of θ: 197 for h = 4 and 2,409 for h = 32 (design §3)."""
         return sum(math.prod(s) for s in self.theta_shapes().values())
 
     # -- serialisation --------------------------------------------------------------------------

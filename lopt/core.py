@@ -1,4 +1,4 @@
-"""The functional core of small_fc_lopt (spec: shared/spec/small_fc_lopt.md).
+"""The functional core of small_fc_lopt (design: docs/design/small_fc_lopt.md).
 
 Everything here is a pure function of tensors: nothing is mutated, new state is returned. The
 same code runs
@@ -7,13 +7,13 @@ same code runs
 * inside the meta-trainer under ``torch.func.vmap`` over perturbed θ and lanes, and
 * as the reference the fused C++/CUDA kernels are tested against.
 
-Layout convention (spec §10). PyTorch stores Linear weights as ``(out, in)`` and conv weights as
-``(out, in, kh, kw)``, the reverse of the JAX reference's ``(in, out)`` / ``(kh, kw, in, out)``.
-The factored statistics only depend on the layout when the two largest dims tie. lozoo never
+Layout convention (docs/design/layout.md). PyTorch stores Linear weights as ``(out, in)`` and conv
+weights as ``(out, in, kh, kw)``, the reverse of the JAX reference's ``(in, out)`` / ``(kh, kw, in,
+out)``. The factored statistics only depend on the layout when the two largest dims tie. lozoo never
 transposes tensors; instead the tie rule is a config option: ``tie_break="first"`` (default)
 reproduces the reference on PyTorch-layout tensors because reversing the axis order maps the
-reference's "later axis wins" onto "earlier axis wins"; ``tie_break="last"`` applies the raw rule
-to the tensor as stored, which is what PyLO does.
+reference's "later axis wins" onto "earlier axis wins"; ``tie_break="last"`` applies the raw rule to
+the tensor as stored, which is what PyLO does.
 
 State of one parameter tensor with shape S (decay axis trailing, as in the reference; a scalar is
 stored with S = (1,)): ``m`` S+(3,), ``v`` S+(1,), and either ``r`` (S without d0)+(3,) and ``c``
@@ -33,7 +33,7 @@ from .config import NUM_ELEMENT_FEATURES, TIME_SCALES, SmallFCConfig, TieBreak
 TensorState = dict[str, torch.Tensor]
 Decays = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-# Epsilons of the reference, named after the place they guard (spec §4-§5).
+# Epsilons of the reference, named after the place they guard (design §4-§5).
 _EPS_GSQ = 1e-30  # added to g² in the factored / non-factored accumulators
 _EPS_RSQRT = 1e-9  # floor of safe_rsqrt and the row-mean guard
 _EPS_RMS = 1e-6  # rsqrt(v + eps) and the 1-D momentum factor
@@ -42,7 +42,7 @@ _EPS_NORM = 1e-5  # per-channel feature normalisation
 
 
 def factored_dims(shape: tuple[int, ...] | torch.Size, tie_break: TieBreak = "first"):
-    """The two factored axes ``(d1, d0)`` of a tensor, or ``None`` below rank 2 (spec §4.1, §10).
+    """The two factored axes ``(d1, d0)`` of a tensor, or ``None`` below rank 2 (design §4.1, §10).
 
     ``d0`` is the largest axis and ``d1`` the second largest. Ties are broken by an explicit sort
     key rather than a library argsort, whose tie behaviour is unspecified: ``"last"`` lets the
@@ -61,7 +61,7 @@ def factored_dims(shape: tuple[int, ...] | torch.Size, tie_break: TieBreak = "fi
 
 
 def _decay(base: tuple[float, ...], offset: torch.Tensor) -> torch.Tensor:
-    # The literal log/exp form of spec §3.1, in float32, for bit parity with the reference.
+    # The literal log/exp form of design §3.1, in float32, for bit parity with the reference.
     base_t = torch.tensor(base, dtype=offset.dtype, device=offset.device)
     beta = 1 - torch.exp(10 * (torch.log(1 - base_t) / 10 + offset))
     # lozoo clips all three families to [0, 1] (the reference leaves momentum unclipped); the
@@ -93,7 +93,7 @@ def state_shapes(shape: tuple[int, ...] | torch.Size, cfg: SmallFCConfig) -> dic
 
 
 def init_tensor_state(param: torch.Tensor, cfg: SmallFCConfig) -> TensorState:
-    """Zero float32 state for one parameter tensor (no bias correction anywhere, spec §4)."""
+    """Zero float32 state for one parameter tensor (no bias correction anywhere, design §4)."""
     return {
         k: torch.zeros(s, dtype=torch.float32, device=param.device)
         for k, s in state_shapes(param.shape, cfg).items()
@@ -117,7 +117,7 @@ class Accumulated(NamedTuple):
     """Result of the accumulator pass: the new state and the per-element raw features."""
 
     state: TensorState
-    features: torch.Tensor  # S + (28,), un-normalised, channel order of spec §5
+    features: torch.Tensor  # S + (28,), un-normalised, channel order of design §5
 
 
 class ElementInputs(NamedTuple):
@@ -138,7 +138,7 @@ class ElementInputs(NamedTuple):
 # The building blocks below are what :func:`accumulate` is made of. They are public so that the
 # chunked backend (lopt.kernels.torch_backend) runs the very same math on slices of a tensor.
 def ema(beta: torch.Tensor, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """``β·old + (1 − β)·new``: every accumulator of spec §4 (no bias correction)."""
+    """``β·old + (1 − β)·new``: every accumulator of design §4 (no bias correction)."""
     return beta * old + (1 - beta) * new
 
 
@@ -157,7 +157,7 @@ def squared_grad(g3: torch.Tensor) -> torch.Tensor:
 def row_col_factors(
     r: torch.Tensor, c: torch.Tensor, d1: int, d0: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adafactor row factor (shape of ``r``) and column factor (shape of ``c``), spec §4.2.
+    """Adafactor row factor (shape of ``r``) and column factor (shape of ``c``), design §4.2.
 
     Only ``r`` is normalised, by its mean over axis d1 alone (trap T1: not over the decays, and
     for rank ≥ 3 not over the other axes either).
@@ -189,7 +189,7 @@ def factored_inputs(
 
 
 def unfactored_inputs(vd: torch.Tensor) -> ElementInputs:
-    """Rank 0/1 (spec §5.2): every statistic is the per-element ``vd``."""
+    """Rank 0/1 (design §5.2): every statistic is the per-element ``vd``."""
     rs = (vd + _EPS_ROWCOL).rsqrt()
     return ElementInputs(
         g_mult=_safe_rsqrt(vd + _EPS_RSQRT),
@@ -204,7 +204,7 @@ def unfactored_inputs(vd: torch.Tensor) -> ElementInputs:
 def element_features(
     g3: torch.Tensor, p3: torch.Tensor, m: torch.Tensor, v: torch.Tensor, inputs: ElementInputs
 ) -> torch.Tensor:
-    """The 28 raw features, S+(28,), in the channel order of spec §5 (the row order of ``w0``)."""
+    """The 28 raw features, S+(28,), in the channel order of design §5 (the row order of ``w0``)."""
     rv = (v + _EPS_RMS).rsqrt()
     fac_g, fac_m = g3 * inputs.g_mult, m * inputs.m_mult
     return torch.cat(
@@ -221,7 +221,7 @@ def accumulate(
     decays: Decays,
     cfg: SmallFCConfig,
 ) -> Accumulated:
-    """Update the accumulators with ``grad`` and build the 28 raw features (spec §4.4 steps 2-3).
+    """Update the accumulators with ``grad`` and build the 28 raw features (design §4.4 steps 2-3).
 
     ``param`` and ``grad`` must already have rank ≥ 1 (scalars are promoted by the caller).
     """
@@ -246,7 +246,7 @@ def accumulate(
 
 
 def feature_scale(features: torch.Tensor) -> torch.Tensor:
-    """Per-channel normaliser ``rsqrt(1e-5 + mean(X_j²))`` over every element (spec §5.3)."""
+    """Per-channel normaliser ``rsqrt(1e-5 + mean(X_j²))`` over every element (design §5.3)."""
     dims = tuple(range(features.dim() - 1))
     return scale_from_mean_square(features.square().mean(dim=dims))
 
@@ -269,7 +269,7 @@ def first_layer(
     """Layer 0 with normalisation folded into its weights and time features into its bias.
 
     Returns ``(w0' (28, h), b0' (h,))`` with ``w0'[j] = s_j·w0[j]`` and
-    ``b0' = b0 + tanh(t/τ − 1) @ w0[28:]`` (spec §13). Both rewrites are exact up to rounding and
+    ``b0' = b0 + tanh(t/τ − 1) @ w0[28:]`` (design §13). Both rewrites are exact up to rounding and
     spare the per-element work on 11 constant channels.
     """
     w0 = theta["w0"]
@@ -295,7 +295,7 @@ def mlp_outputs(
 
 
 def step_from_outputs(outputs: torch.Tensor, cfg: SmallFCConfig) -> torch.Tensor:
-    """``step_mult · d · exp(exp_mult · m)`` (spec §6)."""
+    """``step_mult · d · exp(exp_mult · m)`` (design §6)."""
     return cfg.step_mult * outputs[..., 0] * torch.exp(cfg.exp_mult * outputs[..., 1])
 
 
@@ -316,7 +316,7 @@ def tensor_step(
     if decays is None:
         decays = effective_decays(theta, cfg)
     scalar = param.dim() == 0
-    if scalar:  # spec §4.3: a scalar takes the rank-1 path with one element
+    if scalar:  # design §4.3: a scalar takes the rank-1 path with one element
         param, grad = param.reshape(1), grad.reshape(1)
     acc = accumulate(param, grad, state, decays, cfg)
     w0, b0 = first_layer(theta, feature_scale(acc.features), t)
@@ -337,7 +337,7 @@ def update(
     loss: torch.Tensor | None = None,
     num_steps: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """One small_fc_lopt step over a dict of parameters (spec §4.4, §6).
+    """One small_fc_lopt step over a dict of parameters (design §4.4, §6).
 
     ``state`` comes from :func:`init_state`. Returns ``(new_params, new_state)``; the counter is
     incremented after the update, so the time features see the pre-increment value. ``lr``

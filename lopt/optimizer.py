@@ -44,7 +44,7 @@ class SmallFCLOpt(LearnedOptimizer):
     r"""The small_fc_lopt learned optimizer (Metz et al. 2022, arXiv 2203.11860).
 
     Each parameter tensor is updated by a tiny per-element MLP fed with momentum, RMS and
-    Adafactor features (spec: ``shared/spec/small_fc_lopt.md``)::
+    Adafactor features (design: ``docs/design/small_fc_lopt.md``)::
 
         p ← p·(1 − lr·weight_decay) − lr · step_mult · d · exp(exp_mult · m)
 

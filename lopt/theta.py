@@ -30,7 +30,7 @@ __all__ = [
 
 
 def init_theta(cfg: SmallFCConfig, generator: torch.Generator | None = None) -> Theta:
-    """Fresh θ as in the reference (spec §3).
+    """Fresh θ as in the reference (docs/design/small_fc_lopt.md §3).
 
     Weights: truncated normal with std ``1/sqrt(fan_in)`` truncated at ±2 std (absolute bounds,
     no variance correction, like Haiku's ``TruncatedNormal``). Biases zero. Decay offsets zero,

@@ -29,6 +29,7 @@ from .architecture import (
     validate_theta,
     weights_metadata,
 )
+from .files import atomic_write
 
 
 class ResolvedWeights(NamedTuple):
@@ -102,23 +103,6 @@ def is_weights_ref(text: str) -> bool:
 
 
 # -- files ---------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file, fsync and rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def save_theta(
     path: str | os.PathLike[str],
     theta: Mapping[str, torch.Tensor],
@@ -135,7 +119,7 @@ def save_theta(
     meta = weights_metadata(cfg)
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     blob = save({k: v.contiguous() for k, v in theta.items()}, metadata=meta)
-    return atomic_write_bytes(path, _sorted_metadata(blob))
+    return atomic_write(path, _sorted_metadata(blob))
 
 
 def _sorted_metadata(blob: bytes) -> bytes:

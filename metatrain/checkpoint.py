@@ -1,4 +1,4 @@
-"""Atomic, complete checkpoints of a meta-training run (meta_training.md §8).
+"""Atomic, complete checkpoints of a meta-training run (docs/design/meta_training.md §8).
 
 A checkpoint holds everything needed for a bit-identical serial resume: θ, the outer Adam state,
 every estimator's lanes (params, optimizer state, counters, lengths, task configs), PES
@@ -10,27 +10,14 @@ containers and load with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lopt.files import atomic_write
+
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int = 3) -> Path:
@@ -39,8 +26,8 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"ckpt-{step:08d}.pt"
     data = {"format": FORMAT_VERSION, "step": step, **payload}
-    _atomic_write(path, lambda f: torch.save(data, f))
-    _atomic_write(ckpt_dir / "latest", lambda f: f.write(path.name.encode()))
+    atomic_write(path, lambda f: torch.save(data, f))
+    atomic_write(ckpt_dir / "latest", path.name)
     for old in sorted(ckpt_dir.glob("ckpt-*.pt"))[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

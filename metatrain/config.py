@@ -382,18 +382,30 @@ PRESETS: dict[str, dict[str, Any]] = {"quick": QUICK, "celo2": CELO2_RECIPE}
 """``--preset NAME``: named bundles of flag values; flags given explicitly still win."""
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def parse_key_value(text: str, flag: str = "") -> tuple[str, Any]:
+    """``KEY=VALUE`` of a repeatable option (``--task-option``, ``--lopt-option``, ...).
 
-
-def _key_value(text: str) -> tuple[str, Any]:
+    VALUE is read as JSON (``3``, ``0.1``, ``[8]``, ``true``) and kept as a string otherwise.
+    A missing ``=`` raises ``argparse.ArgumentTypeError`` naming ``flag``.
+    """
     if "=" not in text:
-        raise argparse.ArgumentTypeError(f"needs KEY=VALUE, got {text!r}")
+        who = f"{flag} " if flag else ""
+        raise argparse.ArgumentTypeError(f"{who}needs KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), _parse_value(value)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def key_value_option(flag: str):
+    """An argparse ``type=`` that parses ``flag``'s KEY=VALUE with :func:`parse_key_value`."""
+
+    def parse(text: str) -> tuple[str, Any]:
+        return parse_key_value(text, flag)
+
+    parse.__name__ = "KEY=VALUE"  # argparse names the type in its own messages
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -418,7 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if f.name in ("task_option", "lopt_option"):
-            parser.add_argument(flag, type=_key_value, action="append", help=help_text)
+            parser.add_argument(
+                flag, type=key_value_option(flag), action="append", help=help_text
+            )
         elif f.type in ("bool", bool):
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, help=help_text, default=None

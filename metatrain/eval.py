@@ -3,19 +3,20 @@
 Trains the learned optimizer and Adam (every LR of a log grid) on held-out tasks of a family,
 several seeds each, and writes ``eval.json`` (metrics, best Adam per task, speedup over Adam,
 curves), ``curves.png`` and ``speedup.png``; ``--publish NAME`` puts the weights with the
-evaluation into the zoo. Protocol: meta_training.md §10; the library: :mod:`metatrain.evaluation`.
+evaluation into the zoo. Protocol: docs/design/meta_training.md §10; the library:
+:mod:`metatrain.evaluation`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import sys
 from typing import Any
 
 import tasks
+from metatrain.config import key_value_option
 from metatrain.evaluation import DEFAULT_ADAM_LRS, EvalConfig, evaluate
 
 __all__ = ["build_parser", "main"]
@@ -28,16 +29,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _task_option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--task-option needs KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
 
 
 def _lrs(text: str) -> list[float]:
@@ -79,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--task-option",
-        type=_task_option,
+        type=key_value_option("--task-option"),
         action="append",
         default=[],
         metavar="KEY=VALUE",

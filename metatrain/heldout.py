@@ -34,6 +34,7 @@ import torch
 
 import lopt
 import tasks
+from lopt.tree import tree_map
 
 from .config import MetaTrainConfig
 
@@ -171,7 +172,7 @@ class HeldoutMonitor:
         zeros = arch.init_state({k: v[0] for k, v in params.items()}, lopt_config)
         state = {
             "params": params,
-            "opt_state": _map(lambda x: x.unsqueeze(0).clone(), zeros),
+            "opt_state": tree_map(lambda x: x.unsqueeze(0).clone(), zeros),
             "task_cfg": {k: v.unsqueeze(0) for k, v in item.lane.items()},
         }
         theta_lanes = theta_flat.detach().reshape(1, -1).float()
@@ -261,10 +262,6 @@ class HeldoutMonitor:
             self.eval_seconds = kept[-1].get("heldout_eval_s", 0.0)
 
 
-def _map(fn, tree):
-    if isinstance(tree, dict):
-        return {k: _map(fn, v) for k, v in tree.items()}
-    return fn(tree)
 
 
 def _mean(values: list[float]) -> float:

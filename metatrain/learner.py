@@ -1,4 +1,4 @@
-"""The outer learner: Adam on θ after an elementwise clip of ĝ (meta_training.md §6).
+"""The outer learner: Adam on θ after an elementwise clip of ĝ (docs/design/meta_training.md §6).
 
 Reference: learned_optimization's ``GradientClipOptimizer(Adam, grad_clip=3.0)``; optax Adam's
 ``eps_root`` has no torch counterpart and is dropped (a negligible difference).

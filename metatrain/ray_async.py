@@ -1,4 +1,6 @@
-"""Asynchronous mode of the Ray executor: workers never wait for the learner (meta_training.md §7).
+"""Asynchronous mode of the Ray executor: workers never wait for the learner.
+
+Design: docs/design/meta_training.md §7.
 
 Every live actor always has one ``compute`` in flight. When one returns, its actor is at once
 handed the newest θ the learner has published (so workers keep computing while the learner

@@ -2,7 +2,8 @@
 
 Per outer step the learner ``ray.put``s θ once and sends each actor ``(θ ref, step)``; the actor
 re-creates its perturbations from seeds (``Worker.compute``) and returns a ``WorkerResult``
-(ĝ, step, worker id, metrics). No noise tensor ever crosses the wire (meta_training.md §7).
+(ĝ, step, worker id, metrics). No noise tensor ever crosses the wire
+(docs/design/meta_training.md §7).
 
 * **sync** (default): one gradient per live worker per step, returned in worker-id order, so a
   fault-free run equals ``SerialExecutor(cfg, N)`` bit for bit (the seeds depend only on the run

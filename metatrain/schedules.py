@@ -1,4 +1,6 @@
-"""Truncation schedules: how many inner steps a trajectory lasts (meta_training.md §2.4).
+"""Truncation schedules: how many inner steps a trajectory lasts.
+
+Design: docs/design/meta_training.md §2.4.
 
 A schedule is a small frozen dataclass with one method, ``sample(n, generator) -> LongTensor[n]``,
 called per lane pair at init and whenever a trajectory finishes.

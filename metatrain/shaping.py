@@ -1,4 +1,4 @@
-"""Loss shaping for antithetic estimators (meta_training.md §4.4), as plain functions.
+"""Loss shaping for antithetic estimators (docs/design/meta_training.md §4.4), as plain functions.
 
 Every function maps per-slot loss differences to shaped differences with the same ``[T, N]``
 shape: ``shape(delta, mask, loss_pos, loss_neg) -> delta'``. ``none`` keeps the per-slot values

@@ -1,4 +1,4 @@
-"""Vectorised truncated unrolls of 2N inner problems (meta_training.md §2, §11).
+"""Vectorised truncated unrolls of 2N inner problems (docs/design/meta_training.md §2, §11).
 
 Lanes ``0..N-1`` run θ+ε_i and lanes ``N..2N-1`` run θ−ε_i. All lanes advance one *slot* per
 batched call: ``torch.func.vmap`` over (θ lane, params, optimizer state, batch, task config) of
@@ -17,6 +17,7 @@ import torch
 import lopt
 from lopt.kernels.lanes import as_lane_update, guarded_apply_
 from lopt.nonfinite import guarded_update
+from lopt.tree import tree_map, tree_stack
 
 from .schedules import NeverEnding, Schedule
 
@@ -59,31 +60,9 @@ class LaneProblem(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def _map(fn, tree):
-    if isinstance(tree, dict):
-        return {k: _map(fn, v) for k, v in tree.items()}
-    return fn(tree)
-
-
-def _map2(fn, a, b):
-    if isinstance(a, dict):
-        return {k: _map2(fn, a[k], b[k]) for k in a}
-    return fn(a, b)
-
-
-def _stack(trees: list[TensorTree]) -> TensorTree:
-    first = trees[0]
-    return {
-        k: _stack([t[k] for t in trees])
-        if isinstance(first[k], dict)
-        else torch.stack([t[k] for t in trees])
-        for k in first
-    }
-
-
 def _pairs_to_lanes(tree: TensorTree) -> TensorTree:
     """[N, ...] → [2N, ...]: the + and − copies of every pair."""
-    return _map(lambda x: torch.cat([x, x]), tree)
+    return tree_map(lambda x: torch.cat([x, x]), tree)
 
 
 class TaskLanes:
@@ -143,14 +122,14 @@ class TaskLanes:
             lane_cfg = self.family.sample_lane(generator, self.static)
             cfgs.append(lane_cfg)
             params.append(self.task.init(generator, lane_cfg))
-        stacked = _stack(params)
+        stacked = tree_stack(params)
         one = {k: v[0] for k, v in stacked.items()}
         zeros = self.arch.init_state(one, self.lopt_config)
-        opt_state = _map(lambda x: x.unsqueeze(0).expand(n, *x.shape).clone(), zeros)
+        opt_state = tree_map(lambda x: x.unsqueeze(0).expand(n, *x.shape).clone(), zeros)
         return {
             "params": stacked,
             "opt_state": opt_state,
-            "task_cfg": _stack(cfgs) if cfgs[0] else {},
+            "task_cfg": tree_stack(cfgs) if cfgs[0] else {},
         }
 
     def next_batch(self) -> TensorTree:
@@ -212,7 +191,7 @@ class TaskLanes:
 class VectorizedUnroll:
     """2N lanes of a :class:`LaneProblem`, advanced one slot at a time with per-lane θ.
 
-    Owns the trajectory bookkeeping of meta_training.md §2: host-side counters (``inner_step``,
+    Owns the trajectory bookkeeping of design §2: host-side counters (``inner_step``,
     ``length``, ``is_done`` per pair, known before each slot, so no device sync), mask-selected
     resets with one shared draw per pair, staggered starts and the per-slot records.
 
@@ -265,7 +244,7 @@ class VectorizedUnroll:
             x[n:] = x[:n]
             return x
 
-        self.state = _map(copy, self.state)
+        self.state = tree_map(copy, self.state)
 
     @torch.no_grad()
     def _slot(self, theta_lanes: torch.Tensor):
@@ -288,7 +267,7 @@ class VectorizedUnroll:
                 dst[lanes] = src.to(dst.dtype)  # in place: the unroll owns its lane state
                 return dst
 
-            state = _map2(put, state, fresh)
+            state = tree_map(put, state, fresh)
             loss = put(loss, torch.zeros(()))
         self.state = state
         self.inner_step = torch.where(reset, 0, self.inner_step + 1)
@@ -325,7 +304,7 @@ class VectorizedUnroll:
     # (a caller's dict never aliases the live lanes).
     def state_dict(self) -> dict[str, Any]:
         return {
-            "lanes": _map(torch.clone, self.state),
+            "lanes": tree_map(torch.clone, self.state),
             "inner_step": self.inner_step,
             "length": self.length,
             "is_done": self.is_done,
@@ -334,7 +313,9 @@ class VectorizedUnroll:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = _map(lambda x: x.clone(memory_format=torch.contiguous_format), state["lanes"])
+        self.state = tree_map(
+            lambda x: x.clone(memory_format=torch.contiguous_format), state["lanes"]
+        )
         self.inner_step, self.length = state["inner_step"], state["length"]
         self.is_done = state["is_done"]
         self.generator.set_state(state["generator"])

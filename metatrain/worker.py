@@ -3,7 +3,7 @@
 Workers are the unit the executors distribute: the serial executor keeps them in-process, the
 Ray executor wraps each in an actor. The learner only ever sends θ and the step number;
 perturbations are re-created inside the worker from seeds derived from (run seed, step, worker,
-estimator), never shipped as tensors (meta_training.md §3, §7).
+estimator), never shipped as tensors (docs/design/meta_training.md §3, §7).
 """
 
 from __future__ import annotations

@@ -12,14 +12,14 @@ Usage::
     loss = torch.func.vmap(task.loss)(params, next(stream), lanes)   # [n]
 
 **Grouping architectures for vmap.** One ``vmap`` needs identical shapes in every lane, so a
-family's architecture choices (image size, depth, widths, batch size, dataset) live in the
-static config and are drawn once per gradient estimator: all lanes of an estimator share one
-static config and one :class:`Task`, and differ only in their lane config (activation index,
-init scale, quadratic target) and init draw. A trainer that wants architecture diversity within
-a step runs several estimators, each with its own static config, and resamples a static config
-when it resamples the estimator (meta_training.md §7); configs are frozen and hashable, so lanes
-can equally be bucketed by config. Data streams are per estimator too: ``task.batches(split,
-n_pairs, gen)`` gives one stream per perturbation pair, drawn as one stacked tensor.
+family's architecture choices (image size, depth, widths, batch size, dataset) live in the static
+config and are drawn once per gradient estimator: all lanes of an estimator share one static config
+and one :class:`Task`, and differ only in their lane config (activation index, init scale, quadratic
+target) and init draw. A trainer that wants architecture diversity within a step runs several
+estimators, each with its own static config, and resamples a static config when it resamples the
+estimator (docs/design/meta_training.md §7); configs are frozen and hashable, so lanes can equally
+be bucketed by config. Data streams are per estimator too: ``task.batches(split, n_pairs, gen)``
+gives one stream per perturbation pair, drawn as one stacked tensor.
 
 Families (:data:`FAMILY_NAMES`): ``mlp_mnist``, ``mlp_fashion_mnist`` (sampled, or
 ``canonical=True`` for the fixed 2,410-parameter task), ``mlp_digits`` (scikit-learn's 8×8

@@ -1,4 +1,6 @@
-"""Task and task-family interfaces (spec: tasks.md §1, meta_training.md §2 and §11).
+"""Task and task-family interfaces.
+
+Design: docs/design/tasks.md §1, docs/design/meta_training.md §2 and §11.
 
 Sampling happens at two levels, which is what makes a vectorised unroll possible:
 
@@ -59,7 +61,7 @@ ACTIVATIONS: Mapping[str, Callable[[Tensor], Tensor]] = {
     "selu": F.selu,
     "sin": torch.sin,
     "cos": torch.cos,
-    # The reference's leaky_relu uses slope -0.5 (tasks.md §4), not PyTorch's default 0.01.
+    # The reference's leaky_relu uses slope -0.5 (design §4), not PyTorch's default 0.01.
     "leaky_relu": lambda x: F.leaky_relu(x, -0.5),
 }
 """Activations a lane may select, by name. Families list the subset they sample from."""
@@ -80,7 +82,7 @@ def select_activation(h: Tensor, index: Tensor, names: Sequence[str]) -> Tensor:
 
 
 def classification_normalizer(loss: Tensor, num_classes: int) -> Tensor:
-    """``clip(loss, 0, 1.5·ln C)`` with NaN and ±inf mapped to the maximum (tasks.md §3, §7)."""
+    """``clip(loss, 0, 1.5·ln C)``, NaN and ±inf mapped to the maximum (tasks.md §3, §7)."""
     top = 1.5 * math.log(num_classes)
     return torch.nan_to_num(loss, nan=top, posinf=top, neginf=top).clamp(0.0, top)
 

@@ -5,12 +5,12 @@ float32 0-d}``. The activation index points into the static config's ``activatio
 forward pass evaluates every candidate and selects per lane with ``torch.where``
 (:func:`tasks.base.select_activation`), so one ``vmap`` covers lanes with different activations.
 
-Init follows Haiku's dense default (tasks.md §3): weights truncated normal with std
+Init follows Haiku's dense default (docs/design/tasks.md §3): weights truncated normal with std
 ``1/sqrt(fan_in)`` cut at ±2 std, biases zero; the weights are then multiplied by the lane's
 init scale. Conv kernels use the same rule with ``fan_in = in_channels · kh · kw``.
 
 All lozoo classification families use the fixed-task normaliser ``clip(ℓ, 0, 1.5·ln C)``
-(tasks.md §7) so meta-losses stay comparable across families.
+(docs/design/tasks.md §7) so meta-losses stay comparable across families.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import math
 import os
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ from tasks.base import (
     Params,
     Task,
     classification_normalizer,
+    log_int,
+    randint,
     select_activation,
     trunc_normal,
     uniform,
@@ -86,6 +88,32 @@ def normalise_image_family(family: Any, int_ranges: Mapping[str, int]) -> None:
     acts = (acts,) if isinstance(acts, str) else tuple(acts)
     check_activations(acts)
     object.__setattr__(family, "activations", acts)
+
+
+class ImageArchitecture(NamedTuple):
+    """One draw of an image family's static choices (the layer width is the family's own)."""
+
+    image_size: int
+    depth: int
+    width: int
+    batch_size: int
+
+
+def sample_image_architecture(
+    gen: torch.Generator, family: Any, width_field: str
+) -> ImageArchitecture:
+    """The static draws every sampled image family makes, in one fixed order.
+
+    Image side uniform over ``family.image_sizes``, depth a uniform integer in ``family.depth``,
+    one layer width ``log_int`` over ``family.<width_field>`` (``width`` for MLPs, ``channels``
+    for convnets) and batch size ``log_int`` over ``family.batch_size``. The order is part of the
+    seeding contract: the same generator state gives the same task.
+    """
+    image_size = family.image_sizes[randint(gen, 0, len(family.image_sizes) - 1)]
+    depth = randint(gen, *family.depth)
+    width = log_int(gen, *getattr(family, width_field))
+    batch_size = log_int(gen, *family.batch_size)
+    return ImageArchitecture(image_size, depth, width, batch_size)
 
 
 def sample_classification_lane(

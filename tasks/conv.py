@@ -1,4 +1,4 @@
-"""Small sampled convnets on MNIST (spec: tasks.md §7, ``conv_mnist``; no reference task).
+"""Small sampled convnets on MNIST (docs/design/tasks.md §7, ``conv_mnist``; no reference task).
 
 Model: ``depth`` 3×3 convolutions, each with stride 2 and padding 1 (so every layer halves the
 side, rounding up), the lane's activation after each, then global average pooling and a linear
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.base import LaneCfg, StaticCfg, TaskFamily, log_int, randint
+from tasks.base import LaneCfg, StaticCfg, TaskFamily
 from tasks.classification import (
     DEFAULT_ACTIVATIONS,
     ImageClassificationTask,
@@ -27,6 +27,7 @@ from tasks.classification import (
     check_dataset,
     normalise_image_family,
     sample_classification_lane,
+    sample_image_architecture,
 )
 from tasks.datasets import NUM_CLASSES
 
@@ -155,15 +156,12 @@ class ConvMnistFamily(TaskFamily):
         normalise_image_family(self, {"depth": 1, "channels": 1, "batch_size": 1})
 
     def sample_static(self, gen: torch.Generator) -> ConvConfig:
-        image_size = self.image_sizes[randint(gen, 0, len(self.image_sizes) - 1)]
-        depth = randint(gen, *self.depth)
-        channels = log_int(gen, *self.channels)
-        batch_size = log_int(gen, *self.batch_size)
+        drawn = sample_image_architecture(gen, self, "channels")
         return ConvConfig(
             dataset=self.dataset,
-            image_size=image_size,
-            channels=(channels,) * depth,
-            batch_size=batch_size,
+            image_size=drawn.image_size,
+            channels=(drawn.width,) * drawn.depth,
+            batch_size=drawn.batch_size,
             activations=self.activations,
         )
 

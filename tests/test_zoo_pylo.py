@@ -17,7 +17,8 @@ from lopt import core
 
 
 class MetaMLP(nn.Module):
-    """PyLO's MetaMLP(input_size, hidden_size, hidden_layers), key for key (spec §14 A)."""
+    """PyLO's MetaMLP(input_size, hidden_size, hidden_layers), key for key
+    (docs/design/small_fc_lopt.md §14)."""
 
     def __init__(self, input_size: int, hidden_size: int, hidden_layers: int) -> None:
         super().__init__()

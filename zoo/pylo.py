@@ -1,4 +1,4 @@
-"""Import PyLO / µLO checkpoints in the Hugging Face layout (spec small_fc_lopt.md §14 A).
+"""Import PyLO / µLO checkpoints in the Hugging Face layout (docs/design/small_fc_lopt.md §14 A).
 
 The directory holds ``config.json`` (``PyTorchModelHubMixin``'s record of
 ``MetaMLP(input_size, hidden_size, hidden_layers)``) and ``model.safetensors`` (MetaMLP's state
@@ -9,7 +9,7 @@ dict, nn.Linear ``(out, in)`` layout)::
     network.output.weight  (2, h)   -> w{H+1} = transpose   network.output.bias  -> b{H+1}
 
 Shapes are inferred from the tensors and ``config.json`` is only cross-checked. What the artefact
-does not carry is supplied as PyLO does: the µLO decay offsets (spec §9), ``step_mult`` 1e-2,
+does not carry is supplied as PyLO does: the µLO decay offsets (design §9), ``step_mult`` 1e-2,
 ``exp_mult`` 1e-3. The tie rule defaults to ``"first"`` (the weights were meta-trained in JAX);
 use ``"last"`` for parity with PyLO's own optimizer. Pickles (``pytorch_model.bin``) are refused.
 """
@@ -163,7 +163,7 @@ def convert_pylo(
                 "network.input→w0, network.linear_i→w{i+1}, network.output→w{H+1}; "
                 "weights transposed from (out, in) to (in, out)"
             ),
-            "added_by_importer": "µLO decay offsets (spec §9), step_mult 1e-2, exp_mult 1e-3",
+            "added_by_importer": "µLO decay offsets (design §9), step_mult 1e-2, exp_mult 1e-3",
             "tie_break": tie_break,
         },
         "caveats": [

@@ -7,8 +7,9 @@ the torch/Python/platform versions, so any change yields a fresh build and stale
 never loaded. A ``filelock`` serialises concurrent builders; a process that finds the library
 already built loads it directly, without ninja or a compiler.
 
-Flags are portable on purpose (shared/spec/landscape.md §2): no ``-march=native`` and no
-``-ffast-math``. The CPU kernel picks AVX-512 / AVX2 / baseline code at run time instead.
+Flags are portable on purpose, so a cached or shipped binary runs on any x86-64 CPU and gives
+the same numbers everywhere: no ``-march=native`` and no ``-ffast-math``. The CPU kernel picks
+AVX-512 / AVX2 / baseline code at run time instead.
 ``-fno-math-errno`` only lets ``sqrtf`` vectorise and ``-fno-tree-loop-distribute-patterns``
 keeps short copy loops vectorised instead of turning them into ``memcpy`` calls (``rep movs``
 costs more than the copy at these lengths); neither changes a result.

@@ -1,7 +1,7 @@
 """The pure-torch twin of ``lozoo::small_fc_step_``: same signature, same in-place semantics.
 
-It runs the passes of the fused kernels (spec §13) over slices of the tensor, so its transient
-memory is bounded by the chunk size instead of 39 floats per parameter:
+It runs the passes of the fused kernels (docs/design/small_fc_lopt.md §13) over slices of the
+tensor, so its transient memory is bounded by the chunk size instead of 39 floats per parameter:
 
 0. (rank ≥ 2) Σ g² along d0 and mean g² along d1, chunk by chunk → new r, c, row/col factors.
 1. Per chunk: new m, v (vd) written in place; Σ of the 28 squared features per channel.

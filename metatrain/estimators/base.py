@@ -1,4 +1,4 @@
-"""Bookkeeping shared by the antithetic gradient estimators (meta_training.md §3-§5).
+"""Bookkeeping shared by the antithetic gradient estimators (docs/design/meta_training.md §3-§5).
 
 The base class draws the perturbations from a seed, builds the ``[2N, P]`` lane θs, applies the
 loss shaping, makes the result NaN-safe and reports metrics. A subclass supplies only its math:

@@ -12,7 +12,8 @@ that began before this truncation is running, and to ε_i alone after the lane r
 
 ``reset_rule="exact"`` (default) keys the split on the reset slot, so the last training slot of
 the old trajectory is still credited to Â_i and any number of resets is handled
-(meta_training.md §4.3); ``"reference"`` keys it on the ``done`` slot like learned_optimization.
+(docs/design/meta_training.md §4.3); ``"reference"`` keys it on the ``done`` slot like
+learned_optimization.
 """
 
 from __future__ import annotations

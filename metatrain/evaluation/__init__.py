@@ -1,4 +1,6 @@
-"""Evaluation of learned optimizers against a tuned Adam on held-out tasks (meta_training.md §10).
+"""Evaluation of learned optimizers against a tuned Adam on held-out tasks.
+
+Design: docs/design/meta_training.md §10.
 
 ``python -m metatrain.eval --optimizer REF --task-family F`` is the front door; from Python::
 

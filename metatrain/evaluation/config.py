@@ -1,7 +1,7 @@
 """What one evaluation runs: the typed, validated configuration behind ``python -m metatrain.eval``.
 
-Defaults follow the lozoo protocol of meta_training.md §10: Adam over the 7-point log grid
-{1e-4, 3e-4, ..., 1e-1}, at least 3 seeds, best LR per task by the smoothed final train loss.
+Defaults follow the lozoo protocol of docs/design/meta_training.md §10: Adam over the 7-point log
+grid {1e-4, 3e-4, ..., 1e-1}, at least 3 seeds, best LR per task by the smoothed final train loss.
 Validation happens before any training so that a typo costs a one-line error, not a wasted run.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 __all__ = ["DEFAULT_ADAM_LRS", "EMA_ALPHA", "NORMALIZER_POINTS", "EvalConfig"]
 
 DEFAULT_ADAM_LRS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-"""The lozoo Adam grid (meta_training.md §10): 7 log-spaced points, half decades."""
+"""The lozoo Adam grid (design §10): 7 log-spaced points, half decades."""
 EMA_ALPHA = 0.95
 """Smoothing of train-loss curves for LR selection and the speedup normaliser."""
 NORMALIZER_POINTS = 512

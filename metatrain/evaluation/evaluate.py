@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 import tasks
+from lopt.files import atomic_write
 
 from .config import ADAM_BETAS, ADAM_EPS, EMA_ALPHA, NORMALIZER_POINTS, EvalConfig
 from .optimizers import AdamGrid, LearnedOptimizer
@@ -99,10 +100,7 @@ def write_outputs(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path
         "curves": plot_curves(report, out_dir / CURVES),
         "speedup": plot_speedup(report, out_dir / SPEEDUP),
     }
-    tmp = out_dir / f".{REPORT}.tmp"
-    tmp.write_text(dumps(report), encoding="utf-8")
-    tmp.replace(out_dir / REPORT)
-    files["report"] = out_dir / REPORT
+    files["report"] = atomic_write(out_dir / REPORT, dumps(report))
     return files
 
 

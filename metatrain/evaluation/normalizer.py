@@ -1,4 +1,6 @@
-"""Curve smoothing, LR selection and the speedup-over-Adam normaliser (meta_training.md §10).
+"""Curve smoothing, LR selection and the speedup-over-Adam normaliser.
+
+Design: docs/design/meta_training.md §10.
 
 "Speedup over Adam" answers: how many steps would the best Adam of the grid need to reach the
 loss the learned optimizer reaches at step k? The normaliser is built per task from *this*

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 import lopt
+from lopt.tree import tree_map
 
 from .config import ADAM_BETAS, ADAM_EPS
 
@@ -133,7 +134,7 @@ class LearnedOptimizer:
         flat = {k: v.flatten(0, 1) for k, v in params.items()}  # [1·S, ...]
         one = self.arch.init_state({k: v[0] for k, v in flat.items()}, self.config)
         n = next(iter(flat.values())).shape[0]
-        return _map(lambda x: x.unsqueeze(0).expand(n, *x.shape).clone(), one)
+        return tree_map(lambda x: x.unsqueeze(0).expand(n, *x.shape).clone(), one)
 
     def update(
         self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: dict
@@ -143,9 +144,3 @@ class LearnedOptimizer:
         flat_g = {k: v.flatten(0, 1) for k, v in grads.items()}
         new_p, new_state = self._step(flat_p, flat_g, state)
         return {k: v.view(*lead, *v.shape[1:]) for k, v in new_p.items()}, new_state
-
-
-def _map(fn, tree):
-    if isinstance(tree, dict):
-        return {k: _map(fn, v) for k, v in tree.items()}
-    return fn(tree)

@@ -1,10 +1,10 @@
 """From raw curves to the evaluation report: per-task metrics, best Adam, speedup, aggregates.
 
-Every statistic is "mean ± standard error" over seeds (per task) or over tasks (aggregate), as
-the lozoo protocol asks (meta_training.md §10). Non-finite values (a diverged run) are left out
-of a mean and counted, so one exploding Adam LR cannot poison a table; ``n`` says how many
-values a mean is over. The report is plain JSON-ready data: the CLI writes it, the plots and the
-zoo card are drawn from it alone.
+Every statistic is "mean ± standard error" over seeds (per task) or over tasks (aggregate), as the
+lozoo protocol asks (docs/design/meta_training.md §10). Non-finite values (a diverged run) are left
+out of a mean and counted, so one exploding Adam LR cannot poison a table; ``n`` says how many
+values a mean is over. The report is plain JSON-ready data: the CLI writes it, the plots and the zoo
+card are drawn from it alone.
 """
 
 from __future__ import annotations

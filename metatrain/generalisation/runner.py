@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lopt.files import atomic_write
 from tasks import Task
 from tasks.heldout import HeldOutProblem, data_fingerprint, hidden_matrices
 
@@ -310,16 +310,8 @@ class ResultCache:
 
     def put(self, key: Mapping[str, Any], result: RunResult) -> None:
         path = self.path(key)
-        tmp: str | None = None
+        text = json.dumps({"key": key, "result": result.to_dict()}, default=str)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"key": key, "result": result.to_dict()}, fh, default=str)
-            os.replace(tmp, path)  # atomic: a reader sees no file or the whole file
-            tmp = None
+            atomic_write(path, text)  # a reader sees no file or the whole file
         except OSError as err:
             log.warning("could not cache run in %s (%s)", path, err)
-        finally:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)

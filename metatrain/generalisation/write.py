@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from lopt.files import atomic_write
 from metatrain.evaluation.report import dumps
 
 from .plots import plot_problem, plot_summary
@@ -37,10 +38,7 @@ def write_outputs(report: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     files["summary"] = plot_summary(report, out_dir / SUMMARY)
     (out_dir / TABLE).write_text(markdown(report), encoding="utf-8")
     files["table"] = out_dir / TABLE
-    tmp = out_dir / f".{REPORT}.tmp"
-    tmp.write_text(dumps(report), encoding="utf-8")
-    tmp.replace(out_dir / REPORT)
-    files["report"] = out_dir / REPORT
+    files["report"] = atomic_write(out_dir / REPORT, dumps(report))
     return files
 
 
