@@ -199,7 +199,7 @@ class MetaTrainConfig:
             )
         self._validate_truncation()
         if self.publish is not None:
-            from zoo.refs import validate_name
+            from zoo import validate_name
 
             try:
                 validate_name(self.publish)  # before training, not after it
