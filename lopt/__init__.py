@@ -1,8 +1,9 @@
 """lozoo learned optimizers: the architecture registry, its architectures and their shells.
 
 Every architecture registers itself with :func:`register_architecture` (see
-:mod:`lopt.architecture`); small_fc_lopt is the first. ``SmallFCLOpt`` and the small_fc_lopt
-functional core stay importable at the top level.
+:mod:`lopt.architecture`, docs/design/architecture.md). ``lopt.init_theta``, ``init_state``,
+``init_tensor_state`` and ``update`` dispatch on the config's architecture, so they work for any
+of them; small_fc_lopt's own functions are in :mod:`lopt.core` and :mod:`lopt.theta`.
 """
 
 from . import shadowing  # noqa: F401  (first: a `zoo/` folder in the cwd must not hide our zoo)
@@ -15,28 +16,23 @@ from .architecture import (
     config_from_dict,
     flatten_theta,
     get_architecture,
+    init_state,
+    init_tensor_state,
+    init_theta,
     register_architecture,
     resolve_config,
     theta_sha256,
     unflatten_theta,
     unregister_architecture,
+    update,
     validate_theta,
 )
 from .config import MULO, ORIGINAL, PRESETS, SmallFCConfig, preset
-from .core import (
-    effective_decays,
-    factored_dims,
-    init_state,
-    init_tensor_state,
-    tensor_features,
-    tensor_step,
-    update,
-)
+from .core import effective_decays, factored_dims, tensor_features, tensor_step
 from .nonfinite import NonFiniteGradientError, guarded_update
 from .optimizer import DEFAULT_ZOO_REF, SmallFCLOpt, resolve_weights
 from .shell import LearnedOptimizer, make_optimizer
 from .small_fc import SMALL_FC_LOPT
-from .theta import init_theta
 from .weights import ResolvedWeights, load_theta, register_ref_resolver, save_theta
 
 # Architectures beyond small_fc_lopt register themselves on import (after the seam above).

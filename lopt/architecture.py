@@ -294,6 +294,28 @@ def _config_from_name(spec: str):
     )
 
 
+# -- the interface, dispatched on the config's architecture ----------------------------------------
+def init_theta(cfg: Any, generator: torch.Generator | None = None) -> Theta:
+    """Fresh θ of ``cfg``'s architecture (``lopt.init_theta(lopt.MLPLOptConfig())``)."""
+    return architecture_of(cfg).init_theta(cfg, generator)
+
+
+def init_state(params: Mapping[str, torch.Tensor], cfg: Any) -> dict:
+    """Zero optimizer state of ``cfg``'s architecture for a dict of parameters."""
+    return architecture_of(cfg).init_state(params, cfg)
+
+
+def init_tensor_state(param: torch.Tensor, cfg: Any) -> dict[str, torch.Tensor]:
+    """Zero optimizer state of ``cfg``'s architecture for one parameter tensor."""
+    return architecture_of(cfg).init_tensor_state(param, cfg)
+
+
+def update(theta, state, params, grads, cfg, **kwargs):
+    """One step of ``cfg``'s architecture (its ``update``; keyword arguments as the interface:
+    ``lr``, ``weight_decay``, ``loss``, ``num_steps``)."""
+    return architecture_of(cfg).update(theta, state, params, grads, cfg, **kwargs)
+
+
 def config_from_dict(architecture: str, data: Mapping[str, Any]):
     """Build ``architecture``'s config from a dict (e.g. a zoo entry's ``config.json``)."""
     return get_architecture(architecture).config_from_dict(data)

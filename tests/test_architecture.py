@@ -109,7 +109,10 @@ def test_small_fc_lopt_is_registered_with_its_parts():
     arch = lopt.get_architecture("small_fc_lopt")
     assert "small_fc_lopt" in lopt.architecture_names()
     assert arch.config_class is lopt.SmallFCConfig and arch.optimizer is lopt.SmallFCLOpt
-    assert arch.update is lopt.update and arch.init_theta is lopt.init_theta
+    assert arch.update is lopt.core.update and arch.init_theta is lopt.theta.init_theta
+    # the top-level functions dispatch on the config's architecture
+    theta = lopt.init_theta(lopt.MLPLOptConfig(hidden_size=3), torch.Generator().manual_seed(0))
+    assert theta["w0"].shape == (19, 3)
     assert arch.preset() == lopt.ORIGINAL and arch.preset("mulo") == lopt.MULO
     assert lopt.architecture_of(lopt.MULO) is arch
     assert "39→4→4→2" in arch.summary(lopt.ORIGINAL)
