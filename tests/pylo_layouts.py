@@ -87,3 +87,53 @@ def write_velo_dirs(root: Path, seed=0) -> tuple[Path, Path]:
     rnn = write_hf_dir(root / "VeLO_RNN", velo_rnn_state(seed), VELO_RNN_CONFIG, "VeLO RNN card\n")
     mlp = write_hf_dir(root / "VeLO_MLP", velo_mlp_state(seed + 1), VELO_MLP_CONFIG)
     return rnn, mlp
+
+
+CELO2_GROUP_WIDTHS = (1, 1, 1, 3, 1, 3, 1, 3, 1, 3, 3, 3, 3, 3)
+CELO2_CONFIG = {
+    "activation": "relu",
+    "feature_dims": list(CELO2_GROUP_WIDTHS),
+    "hidden_layers": 2,
+    "hidden_size": 8,
+    "output_size": 3,
+}
+
+
+def celo2_state(seed=0):
+    """CELO2MLP's state dict: (in, out) weights, first layer split into 14 feature groups."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {f"w0.{i}": torch.randn(w, 8, generator=gen) / 30**0.5
+             for i, w in enumerate(CELO2_GROUP_WIDTHS)}  # fmt: skip
+    state["b0"] = torch.randn(8, generator=gen) * 0.1
+    state["dense_w.0"] = torch.randn(8, 8, generator=gen) / 8**0.5
+    state["dense_b.0"] = torch.randn(8, generator=gen) * 0.1
+    state["dense_w.1"] = torch.randn(8, 3, generator=gen) / 8**0.5
+    state["dense_b.1"] = torch.randn(3, generator=gen) * 0.1
+    return state
+
+
+def metamlp_state(seed=0, hidden=32, hidden_layers=1, inputs=39):
+    """PyLO's MetaMLP state dict (nn.Linear (out, in)): input, linear_i, output."""
+    gen = torch.Generator().manual_seed(seed)
+    dims = [("input", inputs, hidden)]
+    dims += [(f"linear_{i}", hidden, hidden) for i in range(hidden_layers)]
+    dims += [("output", hidden, 2)]
+    state = {}
+    for module, fan_in, fan_out in dims:
+        state[f"network.{module}.weight"] = torch.randn(fan_out, fan_in, generator=gen) * 0.3
+        state[f"network.{module}.bias"] = torch.randn(fan_out, generator=gen) * 0.3
+    return state
+
+
+def write_all_layouts(root: Path) -> dict[str, list[Path]]:
+    """One seeded checkpoint directory (two for VeLO) per PyLO class."""
+    mulo_cfg = {"hidden_layers": 1, "hidden_size": 32, "input_size": 39}
+    metamlp = write_hf_dir(root / "mulo", metamlp_state(0), mulo_cfg, "MetaMLP card\n")
+    return {
+        "AdafacLO": [metamlp],
+        "MuLO": [metamlp],
+        "ELO": [write_hf_dir(root / "elo", metamlp_state(1), mulo_cfg)],
+        "CELO2": [write_hf_dir(root / "celo2", celo2_state(2), CELO2_CONFIG)],
+        "ELO_CELO2": [write_hf_dir(root / "elo_celo2", celo2_state(3), CELO2_CONFIG)],
+        "VeLO": list(write_velo_dirs(root / "velo", seed=4)),
+    }

@@ -130,13 +130,16 @@ def _cmd_import_pylo(args: argparse.Namespace) -> int:
     entry = pylo.import_pylo(
         args.directory,
         args.name,
+        pylo_class=args.pylo_class,
         version=args.version,
         source=args.source,
         revision=args.revision,
         tie_break=args.tie_break,
         root=args.root,
     )
-    print(f"imported {entry.ref} -> {entry.path} (sha256 {entry.sha256[:12]})")
+    arch = entry.meta.get("architecture", "?")
+    cls = entry.meta.get("pylo_class", "?")
+    print(f"imported {entry.ref} ({cls} as {arch}) -> {entry.path} (sha256 {entry.sha256[:12]})")
     return 0
 
 
@@ -181,19 +184,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="remove every version of the name")
     p = add(
         "import-pylo",
-        "import a PyLO / µLO Hugging Face directory (config.json + model.safetensors)",
+        "import PyLO checkpoints in the Hugging Face layout (config.json + model.safetensors per "
+        "directory): AdafacLO, MuLO or ELO (MetaMLP), CELO2 or ELO_CELO2 (CELO2MLP), VeLO "
+        "(two directories: VeLO_RNN and VeLO_MLP, or one directory holding both)",
         _cmd_import_pylo,
     )
-    p.add_argument("directory", metavar="DIR")
+    p.add_argument("directory", metavar="DIR", nargs="+")
     p.add_argument("--name", required=True, help="family/name of the new entry")
+    p.add_argument(
+        "--pylo-class",
+        choices=sorted(pylo.PYLO_CLASSES),
+        help="which PyLO optimizer the weights belong to (default: from --source or the HF cache "
+        "path, else the layout's first: AdafacLO for MetaMLP, CELO2 for CELO2MLP)",
+    )
     p.add_argument("--version", help="explicit MAJOR.MINOR.PATCH (default: next minor)")
     p.add_argument("--source", help="source repository id, e.g. btherien/mulo")
     p.add_argument("--revision", help="source revision (commit) the files came from")
     p.add_argument(
         "--tie-break",
-        choices=("first", "last"),
-        default="first",
-        help="factored-dims tie rule: first = JAX reference (default), last = PyLO parity",
+        choices=("first", "last", "pylo"),
+        default=None,
+        help="factored-dims tie rule: first = JAX reference (default); PyLO parity is 'last' "
+        "for AdafacLO/MuLO/ELO and 'pylo' for VeLO",
     )
     return parser
 
