@@ -33,10 +33,49 @@ struct Mlp {
 #define VELO_CLONES
 #endif
 
+// The features of one tile into x (structure of arrays, row stride kTile). Factored tensors walk
+// the coordinates [A, Sa, B, Sb, C] of the geometry incrementally: no division per element.
+inline void tile_features(const View& s, int64_t e0, int64_t len, float* x) {
+  const Geometry& geo = s.geo;
+  if (!geo.factored) {
+    for (int64_t i = 0; i < len; ++i) unfactored(s, e0 + i, x + i, kTile);
+    return;
+  }
+  int64_t rest = e0;
+  int64_t gamma = rest % geo.C;
+  rest /= geo.C;
+  int64_t ib = rest % geo.Sb;
+  rest /= geo.Sb;
+  int64_t beta = rest % geo.B;
+  rest /= geo.B;
+  int64_t ia = rest % geo.Sa;
+  const int64_t alpha0 = rest / geo.Sa;
+  int64_t alpha = alpha0;
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t a_stat = ((alpha * geo.B + beta) * geo.Sb + ib) * geo.C + gamma;  // ia removed
+    const int64_t b_stat = ((alpha * geo.Sa + ia) * geo.B + beta) * geo.C + gamma;  // ib removed
+    const int64_t ri = geo.d0_is_a ? a_stat : b_stat, ci = geo.d0_is_a ? b_stat : a_stat;
+    factored(s, e0 + i, ri, ci, x + i, kTile);
+    if (++gamma == geo.C) {
+      gamma = 0;
+      if (++ib == geo.Sb) {
+        ib = 0;
+        if (++beta == geo.B) {
+          beta = 0;
+          if (++ia == geo.Sa) {
+            ia = 0;
+            ++alpha;
+          }
+        }
+      }
+    }
+  }
+}
+
 VELO_CLONES void tile_sums(const View& s, int64_t t, double* out) {
   float x[kFeatures * kTile];
   const int64_t e0 = t * kTile, len = std::min(kTile, s.geo.n - e0);
-  for (int64_t i = 0; i < len; ++i) features(s, e0 + i, x + i, kTile);
+  tile_features(s, e0, len, x);
   for (int ch = 0; ch < kFeatures; ++ch) {
     double acc = 0.0;
     const float* row = x + ch * kTile;
@@ -55,7 +94,7 @@ VELO_CLONES void tile_update(const View& s, const Mlp& mlp, int64_t t, float* p_
   float out[2][kTile];
   const int64_t e0 = t * kTile, len = std::min(kTile, s.geo.n - e0);
   float* in = buf[0];
-  for (int64_t i = 0; i < len; ++i) features(s, e0 + i, in + i, kTile);
+  tile_features(s, e0, len, in);
   const int layers = static_cast<int>(mlp.fan_in.size());
   for (int l = 0; l < layers; ++l) {
     const float* w = mlp.w.data() + mlp.w_off[l];
@@ -99,8 +138,16 @@ void velo_mlp_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at
     return t.has_value() ? t->const_data_ptr<float>() : nullptr;
   };
   float* p = param.data_ptr<float>();
+  // rsqrt(stat + 1e-8) once per statistic entry rather than once per element
+  at::Tensor r_rs, c_rs;
+  if (geo.factored) {
+    r_rs = (*r + kEpsRowCol).rsqrt();
+    c_rs = (*c + kEpsRowCol).rsqrt();
+  }
   const View s{p, grad.const_data_ptr<float>(), m.const_data_ptr<float>(),
-               v.const_data_ptr<float>(), ptr(r), ptr(c), ptr(rf), ptr(cf), ptr(vd), geo};
+               v.const_data_ptr<float>(), ptr(r), ptr(c), ptr(rf), ptr(cf), ptr(vd),
+               geo.factored ? r_rs.const_data_ptr<float>() : nullptr,
+               geo.factored ? c_rs.const_data_ptr<float>() : nullptr, geo};
   const int64_t tiles = (geo.n + kTile - 1) / kTile;
   std::vector<double> partial(static_cast<size_t>(tiles) * kSums);
   at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) {

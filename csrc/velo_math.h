@@ -22,7 +22,9 @@ constexpr float kGradClip = 1000.0f;  // before every accumulator and feature
 constexpr float kGradFeatureClip = 0.1f;
 constexpr float kEpsParamRms = 1e-9f;
 
-// One tensor's inputs; r/c/rf/cf are null below rank 2, vd is null from rank 2 on.
+// One tensor's inputs; r/c/rf/cf are null below rank 2, vd is null from rank 2 on. r_rs/c_rs
+// hold rsqrt(r + 1e-8) / rsqrt(c + 1e-8) with r's / c's layout when a kernel precomputes them
+// (once per statistic instead of once per element); null means "compute per element".
 struct View {
   const float* p;
   const float* g;
@@ -33,6 +35,8 @@ struct View {
   const float* rf;
   const float* cf;
   const float* vd;
+  const float* r_rs;
+  const float* c_rs;
   Geometry geo;
 };
 
@@ -41,7 +45,8 @@ LOZOO_HD float clampf(float x, float bound) {
   return x > bound ? bound : (x < -bound ? -bound : x);
 }
 
-LOZOO_HD void features(const View& s, int64_t e, float* x, int64_t stride) {
+// Channels that do not depend on the second-moment statistics (0-10 and 14).
+LOZOO_HD float common(const View& s, int64_t e, float* x, int64_t stride) {
   const float g = clampf(s.g[e], kGradClip);
   const float* m = s.m + 3 * e;
   const float v = s.v[e];
@@ -52,36 +57,58 @@ LOZOO_HD void features(const View& s, int64_t e, float* x, int64_t stride) {
   x[6 * stride] = v;
   x[10 * stride] = rv;
   x[14 * stride] = g * rv;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    x[(3 + k) * stride] = m[k];
+    x[(7 + k) * stride] = m[k] * rv;
+  }
+  return g;
+}
+
+// Rank >= 2: element e whose r entry is ri and c entry is ci.
+LOZOO_HD void factored(const View& s, int64_t e, int64_t ri, int64_t ci, float* x,
+                       int64_t stride) {
+  const float g = common(s, e, x, stride);
+  const float* m = s.m + 3 * e;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    const float row = s.r[3 * ri + k], col = s.c[3 * ci + k];
+    const float mult = s.rf[3 * ri + k] * s.cf[3 * ci + k];
+    x[(11 + k) * stride] = g * mult;
+    x[(15 + k) * stride] = row;
+    x[(18 + k) * stride] = col;
+    x[(21 + k) * stride] = s.r_rs ? s.r_rs[3 * ri + k] : stat_rsqrt(row);
+    x[(24 + k) * stride] = s.c_rs ? s.c_rs[3 * ci + k] : stat_rsqrt(col);
+    x[(27 + k) * stride] = m[k] * mult;
+  }
+}
+
+// Rank <= 1.
+LOZOO_HD void unfactored(const View& s, int64_t e, float* x, int64_t stride) {
+  const float g = common(s, e, x, stride);
+  const float* m = s.m + 3 * e;
+  const float* vd = s.vd + 3 * e;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    const float rs = stat_rsqrt(vd[k]);
+    x[(11 + k) * stride] = g * safe_rsqrt(vd[k] + kEpsRsqrt);
+    x[(15 + k) * stride] = vd[k];
+    x[(18 + k) * stride] = vd[k];
+    x[(21 + k) * stride] = rs;
+    x[(24 + k) * stride] = rs;
+    x[(27 + k) * stride] = m[k] * rsqrt_exact(vd[k]);  // VeLO: no epsilon here
+  }
+}
+
+// The 30 features of element e (index arithmetic per element; the CPU kernel walks tiles
+// incrementally instead).
+LOZOO_HD void features(const View& s, int64_t e, float* x, int64_t stride) {
   if (s.geo.factored) {
     int64_t ri, ci;
     s.geo.row_col_index(e, ri, ci);
-#pragma unroll
-    for (int k = 0; k < 3; ++k) {
-      const float row = s.r[3 * ri + k], col = s.c[3 * ci + k];
-      const float mult = s.rf[3 * ri + k] * s.cf[3 * ci + k];
-      x[(3 + k) * stride] = m[k];
-      x[(7 + k) * stride] = m[k] * rv;
-      x[(11 + k) * stride] = g * mult;
-      x[(15 + k) * stride] = row;
-      x[(18 + k) * stride] = col;
-      x[(21 + k) * stride] = stat_rsqrt(row);
-      x[(24 + k) * stride] = stat_rsqrt(col);
-      x[(27 + k) * stride] = m[k] * mult;
-    }
+    factored(s, e, ri, ci, x, stride);
   } else {
-    const float* vd = s.vd + 3 * e;
-#pragma unroll
-    for (int k = 0; k < 3; ++k) {
-      const float rs = stat_rsqrt(vd[k]);
-      x[(3 + k) * stride] = m[k];
-      x[(7 + k) * stride] = m[k] * rv;
-      x[(11 + k) * stride] = g * safe_rsqrt(vd[k] + kEpsRsqrt);
-      x[(15 + k) * stride] = vd[k];
-      x[(18 + k) * stride] = vd[k];
-      x[(21 + k) * stride] = rs;
-      x[(24 + k) * stride] = rs;
-      x[(27 + k) * stride] = m[k] * rsqrt_exact(vd[k]);  // VeLO: no epsilon here
-    }
+    unfactored(s, e, x, stride);
   }
 }
 
