@@ -35,6 +35,7 @@ struct Slice {
   const float* col;   // (KC, 9) or null
   const float* diag;  // (R·C, 3) or null (rank <= 1)
   int64_t cols;
+  int64_t kr, kc;     // lengths of the row / column statistics (stride between statistics)
   bool row_by_i;      // row statistics indexed by the row index i (else by j); columns the other
 };
 
@@ -75,20 +76,28 @@ inline __attribute__((always_inline)) void block_features(const Slice& s, int64_
     }
   }
   if constexpr (kFactored) {
-    const float* __restrict rowp = s.row + kStatWidth * (kRowByI ? i : j0);
-    const float* __restrict colp = s.col + kStatWidth * (kRowByI ? j0 : i);
-    for (int e = 0; e < n; ++e) {
-      const float* row = rowp + (kRowByI ? 0 : kStatWidth * e);
-      const float* col = colp + (kRowByI ? kStatWidth * e : 0);
-      const float g = x[0 * kBlock + e];
-      for (int k = 0; k < 3; ++k) {
-        const float both = row[6 + k] * col[6 + k];
-        x[(11 + k) * kBlock + e] = g * both;
-        x[(15 + k) * kBlock + e] = row[k];
-        x[(18 + k) * kBlock + e] = col[k];
-        x[(21 + k) * kBlock + e] = row[3 + k];
-        x[(24 + k) * kBlock + e] = col[3 + k];
-        x[(27 + k) * kBlock + e] = x[(3 + k) * kBlock + e] * both;
+    // Statistics are stored statistic-major, (9, K) per slice: the one indexed by j is read
+    // contiguously across the block, the one indexed by i is a broadcast.
+    const int64_t i_idx = i, j_idx = j0;
+    const float* __restrict rowp = s.row + (kRowByI ? i_idx : j_idx);
+    const float* __restrict colp = s.col + (kRowByI ? j_idx : i_idx);
+    for (int q = 0; q < kStatWidth; ++q) {
+      const float* __restrict rq = rowp + q * s.kr;
+      const float* __restrict cq = colp + q * s.kc;
+      if (q < 6) {
+        const int row_ch = q < 3 ? 15 + q : 21 + (q - 3);
+        const int col_ch = q < 3 ? 18 + q : 24 + (q - 3);
+        for (int e = 0; e < n; ++e) {
+          x[row_ch * kBlock + e] = rq[kRowByI ? 0 : e];
+          x[col_ch * kBlock + e] = cq[kRowByI ? e : 0];
+        }
+      } else {
+        const int k = q - 6;
+        for (int e = 0; e < n; ++e) {
+          const float both = rq[kRowByI ? 0 : e] * cq[kRowByI ? e : 0];
+          x[(11 + k) * kBlock + e] = x[0 * kBlock + e] * both;
+          x[(27 + k) * kBlock + e] = x[(3 + k) * kBlock + e] * both;
+        }
       }
     }
   } else {
@@ -207,8 +216,9 @@ void check_f32(const at::Tensor& t, const char* name, std::vector<int64_t> shape
 
 }  // namespace
 
-// grad, param (L, R, C); m (L, R, C, 3); v (L, R, C); row_stats (L, KR, 9) and col_stats
-// (L, KC, 9) for rank >= 2, or v_diag (L, R, C, 3) for rank <= 1 (then L = R = 1).
+// grad, param (L, R, C); m (L, R, C, 3); v (L, R, C); row_stats (L, 9, KR) and col_stats
+// (L, 9, KC) for rank >= 2 (statistic-major: [stat_k, rsqrt(stat_k + 1e-8), factor_k] for k =
+// 0..2, then the index along the row/column), or v_diag (L, R, C, 3) for rank <= 1 (L = R = 1).
 at::Tensor celo2_direction_cpu(const at::Tensor& grad, const at::Tensor& param,
                                const at::Tensor& m, const at::Tensor& v,
                                const std::optional<at::Tensor>& row_stats,
@@ -227,8 +237,8 @@ at::Tensor celo2_direction_cpu(const at::Tensor& grad, const at::Tensor& param,
   TORCH_CHECK(factored == col_stats.has_value() && factored != v_diag.has_value(),
               "celo2_direction: pass row_stats and col_stats (rank >= 2) or v_diag (rank <= 1)");
   if (factored) {
-    check_f32(*row_stats, "row_stats", {L, row_by_i ? R : C, kStatWidth});
-    check_f32(*col_stats, "col_stats", {L, row_by_i ? C : R, kStatWidth});
+    check_f32(*row_stats, "row_stats", {L, kStatWidth, row_by_i ? R : C});
+    check_f32(*col_stats, "col_stats", {L, kStatWidth, row_by_i ? C : R});
   } else {
     TORCH_CHECK(L == 1 && R == 1, "celo2_direction: v_diag needs param viewed as (1, 1, N)");
     check_f32(*v_diag, "v_diag", {L, R, C, 3});
@@ -254,10 +264,12 @@ at::Tensor celo2_direction_cpu(const at::Tensor& grad, const at::Tensor& param,
     s.m = m.data_ptr<float>() + l * R * C * 3;  // NOLINT: mutated in place (schema m(a!))
     s.v = v.data_ptr<float>() + l * R * C;
     s.cols = C;
+    s.kr = row_by_i ? R : C;
+    s.kc = row_by_i ? C : R;
     s.row_by_i = row_by_i;
     if (factored) {
-      s.row = row_stats->data_ptr<float>() + l * row_stats->size(1) * kStatWidth;
-      s.col = col_stats->data_ptr<float>() + l * col_stats->size(1) * kStatWidth;
+      s.row = row_stats->data_ptr<float>() + l * kStatWidth * s.kr;
+      s.col = col_stats->data_ptr<float>() + l * kStatWidth * s.kc;
       s.diag = nullptr;
     } else {
       s.row = s.col = nullptr;

@@ -23,8 +23,8 @@ struct View {
   const float* p;
   float* m;  // advanced in place by the sums kernel
   float* v;
-  const float* row;   // (L, KR, 9) or null
-  const float* col;   // (L, KC, 9) or null
+  const float* row;   // (L, 9, KR) or null, statistic-major
+  const float* col;   // (L, 9, KC) or null
   const float* diag;  // (N, 3) or null
   int64_t L, R, C;
   int64_t kr, kc;  // lengths of the row/column statistics per slice
@@ -38,14 +38,19 @@ __device__ __forceinline__ void element_features(const View& s, int64_t e, float
   const int64_t rem = e - l * per_slice;
   const int64_t i = rem / s.C;
   const int64_t j = rem - i * s.C;
-  const float* row = nullptr;
-  const float* col = nullptr;
-  if (s.row != nullptr) {
-    row = s.row + (l * s.kr + (s.row_by_i ? i : j)) * kStatWidth;
-    col = s.col + (l * s.kc + (s.row_by_i ? j : i)) * kStatWidth;
+  float row[kStatWidth], col[kStatWidth];
+  const bool factored = s.row != nullptr;
+  if (factored) {
+    const int64_t ri = s.row_by_i ? i : j, ci = s.row_by_i ? j : i;
+#pragma unroll
+    for (int q = 0; q < kStatWidth; ++q) {
+      row[q] = s.row[(l * kStatWidth + q) * s.kr + ri];
+      col[q] = s.col[(l * kStatWidth + q) * s.kc + ci];
+    }
   }
   if (update) advance_moments(clampf(s.g[e], -kGradClip, kGradClip), s.m + 3 * e, s.v + e);
-  features(s.g[e], s.p[e], s.m + 3 * e, s.v[e], row, col, s.diag ? s.diag + 3 * e : nullptr, x);
+  features(s.g[e], s.p[e], s.m + 3 * e, s.v[e], factored ? row : nullptr,
+           factored ? col : nullptr, s.diag ? s.diag + 3 * e : nullptr, x);
 }
 
 __global__ void sums_kernel(View s, int channels, double* sums) {
@@ -115,8 +120,8 @@ at::Tensor celo2_direction_cuda(const at::Tensor& grad, const at::Tensor& param,
               "celo2_direction: pass row_stats and col_stats (rank >= 2) or v_diag (rank <= 1)");
   const int64_t kr = row_by_i ? R : C, kc = row_by_i ? C : R;
   if (factored) {
-    check_cuda_f32(*row_stats, "row_stats", {L, kr, kStatWidth});
-    check_cuda_f32(*col_stats, "col_stats", {L, kc, kStatWidth});
+    check_cuda_f32(*row_stats, "row_stats", {L, kStatWidth, kr});
+    check_cuda_f32(*col_stats, "col_stats", {L, kStatWidth, kc});
   } else {
     TORCH_CHECK(L == 1 && R == 1, "celo2_direction: v_diag needs param viewed as (1, 1, N)");
     check_cuda_f32(*v_diag, "v_diag", {L, R, C, 3});

@@ -255,7 +255,7 @@ def test_kernel_rejects_bad_arguments_with_the_reason():
     x = torch.zeros(1, 2, 3)
     with pytest.raises(RuntimeError, match="celo2_direction: m has shape"):
         torch.ops.lozoo.celo2_direction(x, x, torch.zeros(1, 2, 3, 2), x,
-                                        torch.zeros(1, 2, 9), torch.zeros(1, 3, 9), None,
+                                        torch.zeros(1, 9, 2), torch.zeros(1, 9, 3), None,
                                         *args, True)  # fmt: skip
     with pytest.raises(RuntimeError, match="pass row_stats and col_stats"):
         torch.ops.lozoo.celo2_direction(x, x, torch.zeros(1, 2, 3, 3), x, None, None, None,

@@ -137,8 +137,9 @@ def kernel_direction_(
         view = (lead_n, shape[-2], shape[-1])
         row_stats = torch.cat([v_row, (v_row + core.EPS_RSQRT).rsqrt(), rho], -1)
         col_stats = torch.cat([v_col, (v_col + core.EPS_RSQRT).rsqrt(), kappa], -1)
-        row_stats = row_stats.reshape(lead_n, -1, 9)
-        col_stats = col_stats.reshape(lead_n, -1, 9)
+        # statistic-major (L, 9, K): the kernel reads one statistic across a block contiguously
+        row_stats = row_stats.reshape(lead_n, -1, 9).transpose(1, 2).contiguous()
+        col_stats = col_stats.reshape(lead_n, -1, 9).transpose(1, 2).contiguous()
         v_diag = None
         row_by_i = b == n - 2
     if not hasattr(torch.ops.lozoo, "celo2_direction") and not op_is_available(g.device.type):
