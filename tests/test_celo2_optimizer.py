@@ -306,3 +306,22 @@ def test_cuda_backend_matches_torch_backend_on_the_device(name):
         results.append(params)
     for p, q in zip(*results):
         torch.testing.assert_close(p, q, atol=5e-6, rtol=0)
+
+
+# -- zoo -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_zoo_round_trip_and_make_optimizer(zroot, name):
+    import zoo
+
+    arch = lopt.get_architecture(name)
+    theta = make_theta(name)
+    entry = zoo.publish(theta, arch.preset(), f"{name.replace('_', '-')}/test")
+    loaded = zoo.load(entry.ref)
+    assert loaded.architecture == name and loaded.config == arch.preset()
+    assert loaded.optimizer_class is arch.optimizer
+    assert all(torch.equal(loaded.theta[k], theta[k]) for k in theta)
+    params = params_of([(4, 3), (4,)])
+    opt = lopt.make_optimizer(params, weights=entry.ref, backend="torch")
+    assert type(opt) is arch.optimizer and opt.meta_weights_info["source"] == f"zoo:{entry.ref}"
+    set_grads(params, 0)
+    opt.step()
