@@ -144,16 +144,22 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
             f"--out-dir {run_dir} is not empty (it holds {held}); a new run needs a new or "
             "empty directory: choose another --out-dir"
         )
+    make_writable_dir(run_dir, "--out-dir")
+
+
+def make_writable_dir(path: Path, flag: str) -> None:
+    """Create ``path`` and check a file can be written there, before any work that would end
+    by writing into it; a clear ``ValueError`` naming ``flag`` otherwise."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
         why = err.strerror or type(err).__name__
         raise ValueError(
-            f"--out-dir {run_dir}: cannot create or write the run directory ({why}: "
-            f"{err.filename or run_dir}); choose a writable --out-dir"
+            f"{flag} {path}: cannot create or write the directory ({why}: "
+            f"{err.filename or path}); choose a writable {flag}"
         ) from None
 
 

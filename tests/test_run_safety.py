@@ -148,8 +148,19 @@ def test_unwritable_out_dir_is_a_clear_error(where, tmp_path, capsys):
         run = read_only_dir(tmp_path)
     assert cli_main(tiny_argv(run, "--outer-steps", "1")) == 2
     err = capsys.readouterr().err
-    assert f"--out-dir {run}: cannot create or write the run directory" in err
+    assert f"--out-dir {run}: cannot create or write the directory" in err
     assert "choose a writable --out-dir" in err and "Traceback" not in err
+
+
+def test_eval_out_under_a_file_is_refused_before_the_evaluation(tmp_path, capsys):
+    from metatrain.eval import main as eval_main
+
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "eval"
+    argv = ["--optimizer", "small_fc_lopt/mlp_mnist", "--task-family", "quadratic", "--out"]
+    assert eval_main([*argv, str(out), "--steps", "5", "--num-tasks", "1", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot create or write the directory" in err and "Traceback" not in err
 
 
 def test_resume_with_no_steps_left_is_refused(tmp_path, capsys):

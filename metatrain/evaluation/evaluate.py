@@ -69,6 +69,9 @@ def evaluate(cfg: EvalConfig, *, command: str | None = None) -> EvalResult:
     seeds = make_eval_seeds(cfg.seed, cfg.num_tasks, cfg.seeds, source.metatrain)
     if cfg.seeds < 3:
         log.warning("%d seed(s): the lozoo protocol asks for at least 3 (5 preferred)", cfg.seeds)
+    from ..trainer import make_writable_dir
+
+    make_writable_dir(out_dir, "--out")  # inputs are valid: check the output before the work
     start = time.perf_counter()
     records = _run_tasks(cfg, source, family, seeds)
     runtime = time.perf_counter() - start
