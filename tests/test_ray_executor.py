@@ -130,6 +130,29 @@ def test_worker_killed_mid_step_is_restarted_and_the_run_continues(ray_session, 
     assert all(torch.isfinite(v).all() for v in result.theta.values())
 
 
+@pytest.mark.slow
+def test_async_mode_goes_on_while_a_killed_worker_is_down(ray_session, tmp_path, caplog):
+    # The async pipeline must not wait for a down worker either, and must take it back.
+    cfg = tiny(
+        tmp_path / "run",
+        mode="async",
+        truncation_length=100,
+        trajectory_length=400,
+        min_trajectory_length=100,
+        outer_steps=40,  # one live worker does ~0.3 s steps; its peer restarts in seconds
+        checkpoint_every=0,
+    )
+    executor = KillWorkerDuringStep(cfg, at=3, delay_s=0.05)
+    with caplog.at_level(logging.WARNING, logger="lozoo.metatrain.ray"):
+        result = train(cfg, executor=executor)
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(40))
+    assert any(x["workers_live"] == 1 for x in lines), "the down worker must leave workers_live"
+    assert all(x["gradients"] == x["workers_live"] for x in lines)
+    assert lines[-1]["workers_live"] == 2 and "Ray worker 0 is back" in caplog.text
+    assert all(torch.isfinite(v).all() for v in result.theta.values())
+
+
 @pytest.mark.parametrize("staleness", [0, 2])
 def test_async_mode_never_uses_a_gradient_staler_than_the_bound(ray_session, tmp_path, staleness):
     cfg = tiny(tmp_path / "run", mode="async", staleness=staleness, outer_steps=25)
