@@ -91,9 +91,8 @@ void velo_mlp_step_cuda(const at::Tensor& param, const at::Tensor& grad, const a
     return t.has_value() ? t->const_data_ptr<float>() : nullptr;
   };
   float* p = param.data_ptr<float>();
-  const View s{p,      grad.const_data_ptr<float>(), m.const_data_ptr<float>(),
-               v.const_data_ptr<float>(), ptr(r), ptr(c), ptr(rf), ptr(cf), ptr(vd),
-               nullptr, nullptr, geo};
+  const View s{p, grad.const_data_ptr<float>(), m.const_data_ptr<float>(),
+               v.const_data_ptr<float>(), ptr(r), ptr(c), ptr(rf), ptr(cf), ptr(vd), geo};
   at::Tensor sums = at::zeros({kSums}, param.options().dtype(at::kDouble));
   const int blocks = static_cast<int>(std::min<int64_t>((geo.n + kThreads - 1) / kThreads, 1024));
   sums_kernel<<<blocks, kThreads, 0, stream>>>(s, sums.data_ptr<double>());

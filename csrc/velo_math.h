@@ -22,9 +22,7 @@ constexpr float kGradClip = 1000.0f;  // before every accumulator and feature
 constexpr float kGradFeatureClip = 0.1f;
 constexpr float kEpsParamRms = 1e-9f;
 
-// One tensor's inputs; r/c/rf/cf are null below rank 2, vd is null from rank 2 on. r_rs/c_rs
-// hold rsqrt(r + 1e-8) / rsqrt(c + 1e-8) with r's / c's layout when a kernel precomputes them
-// (once per statistic instead of once per element); null means "compute per element".
+// One tensor's inputs; r/c/rf/cf are null below rank 2, vd is null from rank 2 on.
 struct View {
   const float* p;
   const float* g;
@@ -35,8 +33,6 @@ struct View {
   const float* rf;
   const float* cf;
   const float* vd;
-  const float* r_rs;
-  const float* c_rs;
   Geometry geo;
 };
 
@@ -45,15 +41,55 @@ LOZOO_HD float clampf(float x, float bound) {
   return x > bound ? bound : (x < -bound ? -bound : x);
 }
 
-// Channels that do not depend on the second-moment statistics (0-10 and 14).
-LOZOO_HD float common(const View& s, int64_t e, float* x, int64_t stride) {
-  const float g = clampf(s.g[e], kGradClip);
-  const float* m = s.m + 3 * e;
-  const float v = s.v[e];
+// What channels 11-13 and 15-29 read, per decay k (lozoo's torch core calls these ElementInputs):
+// fac_g = g·g_mult, fac_m = m·m_mult, the statistics broadcast to the element and their rsqrt.
+struct Inputs {
+  float g_mult[3], m_mult[3], row[3], col[3], row_rs[3], col_rs[3];
+};
+
+// Rank >= 2: the element's r and c entries, the row/column factors and rsqrt(stat + 1e-8).
+LOZOO_HD Inputs factored_inputs(const float* row, const float* col, const float* rf,
+                                const float* cf, const float* row_rs, const float* col_rs) {
+  Inputs in;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    const float mult = rf[k] * cf[k];
+    in.g_mult[k] = mult;
+    in.m_mult[k] = mult;
+    in.row[k] = row[k];
+    in.col[k] = col[k];
+    in.row_rs[k] = row_rs[k];
+    in.col_rs[k] = col_rs[k];
+  }
+  return in;
+}
+
+// Rank <= 1: every statistic is the element's own vd; VeLO's fac_m has no epsilon.
+LOZOO_HD Inputs unfactored_inputs(const float* vd) {
+  Inputs in;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    const float rs = stat_rsqrt(vd[k]);
+    in.g_mult[k] = safe_rsqrt(vd[k] + kEpsRsqrt);
+    in.m_mult[k] = rsqrt_exact(vd[k]);
+    in.row[k] = vd[k];
+    in.col[k] = vd[k];
+    in.row_rs[k] = rs;
+    in.col_rs[k] = rs;
+  }
+  return in;
+}
+
+// The channels that read the element's own values: 0-14 and 27-29 (fac_g = g·g_mult,
+// fac_m = m·m_mult per decay k).
+LOZOO_HD void write_element_channels(float g_raw, float p, const float* m, float v,
+                                     const float* g_mult, const float* m_mult, float* x,
+                                     int64_t stride) {
+  const float g = clampf(g_raw, kGradClip);
   const float rv = rsqrt_exact(v + kEpsRms);
   x[0 * stride] = g;
   x[1 * stride] = clampf(g, kGradFeatureClip);
-  x[2 * stride] = s.p[e];
+  x[2 * stride] = p;
   x[6 * stride] = v;
   x[10 * stride] = rv;
   x[14 * stride] = g * rv;
@@ -61,55 +97,49 @@ LOZOO_HD float common(const View& s, int64_t e, float* x, int64_t stride) {
   for (int k = 0; k < 3; ++k) {
     x[(3 + k) * stride] = m[k];
     x[(7 + k) * stride] = m[k] * rv;
+    x[(11 + k) * stride] = g * g_mult[k];
+    x[(27 + k) * stride] = m[k] * m_mult[k];
   }
-  return g;
 }
 
-// Rank >= 2: element e whose r entry is ri and c entry is ci.
-LOZOO_HD void factored(const View& s, int64_t e, int64_t ri, int64_t ci, float* x,
-                       int64_t stride) {
-  const float g = common(s, e, x, stride);
-  const float* m = s.m + 3 * e;
+// Channels 15-26: the statistics broadcast to the element and their rsqrt.
+LOZOO_HD void write_stat_channels(const float* row, const float* col, const float* row_rs,
+                                  const float* col_rs, float* x, int64_t stride) {
 #pragma unroll
   for (int k = 0; k < 3; ++k) {
-    const float row = s.r[3 * ri + k], col = s.c[3 * ci + k];
-    const float mult = s.rf[3 * ri + k] * s.cf[3 * ci + k];
-    x[(11 + k) * stride] = g * mult;
-    x[(15 + k) * stride] = row;
-    x[(18 + k) * stride] = col;
-    x[(21 + k) * stride] = s.r_rs ? s.r_rs[3 * ri + k] : stat_rsqrt(row);
-    x[(24 + k) * stride] = s.c_rs ? s.c_rs[3 * ci + k] : stat_rsqrt(col);
-    x[(27 + k) * stride] = m[k] * mult;
+    x[(15 + k) * stride] = row[k];
+    x[(18 + k) * stride] = col[k];
+    x[(21 + k) * stride] = row_rs[k];
+    x[(24 + k) * stride] = col_rs[k];
   }
 }
 
-// Rank <= 1.
-LOZOO_HD void unfactored(const View& s, int64_t e, float* x, int64_t stride) {
-  const float g = common(s, e, x, stride);
-  const float* m = s.m + 3 * e;
-  const float* vd = s.vd + 3 * e;
-#pragma unroll
-  for (int k = 0; k < 3; ++k) {
-    const float rs = stat_rsqrt(vd[k]);
-    x[(11 + k) * stride] = g * safe_rsqrt(vd[k] + kEpsRsqrt);
-    x[(15 + k) * stride] = vd[k];
-    x[(18 + k) * stride] = vd[k];
-    x[(21 + k) * stride] = rs;
-    x[(24 + k) * stride] = rs;
-    x[(27 + k) * stride] = m[k] * rsqrt_exact(vd[k]);  // VeLO: no epsilon here
-  }
+// The 30 features of one element, written to x[ch * stride], in the first layer's row order.
+LOZOO_HD void write_features(float g_raw, float p, const float* m, float v, const Inputs& in,
+                             float* x, int64_t stride) {
+  write_element_channels(g_raw, p, m, v, in.g_mult, in.m_mult, x, stride);
+  write_stat_channels(in.row, in.col, in.row_rs, in.col_rs, x, stride);
 }
 
-// The 30 features of element e (index arithmetic per element; the CPU kernel walks tiles
-// incrementally instead).
+// The 30 features of element e, index arithmetic per element (the CUDA kernel; the CPU kernel
+// walks tiles incrementally instead).
 LOZOO_HD void features(const View& s, int64_t e, float* x, int64_t stride) {
+  Inputs in;
   if (s.geo.factored) {
     int64_t ri, ci;
     s.geo.row_col_index(e, ri, ci);
-    factored(s, e, ri, ci, x, stride);
+    float row_rs[3], col_rs[3];
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      row_rs[k] = stat_rsqrt(s.r[3 * ri + k]);
+      col_rs[k] = stat_rsqrt(s.c[3 * ci + k]);
+    }
+    in = factored_inputs(s.r + 3 * ri, s.c + 3 * ci, s.rf + 3 * ri, s.cf + 3 * ci, row_rs,
+                         col_rs);
   } else {
-    unfactored(s, e, x, stride);
+    in = unfactored_inputs(s.vd + 3 * e);
   }
+  write_features(s.g[e], s.p[e], s.m + 3 * e, s.v[e], in, x, stride);
 }
 
 // step = lr_mult · rms(p) · d · exp(exp_mult · m) · step_mult, left to right like the torch core.
