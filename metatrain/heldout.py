@@ -38,7 +38,14 @@ from lopt.tree import tree_map
 
 from .config import MetaTrainConfig
 
-__all__ = ["HELDOUT_ADAM_LRS", "HELDOUT_EVAL_SEED", "HeldoutMonitor", "final_score"]
+__all__ = [
+    "HELDOUT_ADAM_LRS",
+    "HELDOUT_EVAL_SEED",
+    "HeldoutMonitor",
+    "final_score",
+    "plot_curve",
+    "read_curve",
+]
 
 HELDOUT_EVAL_SEED = 0x68656C64  # "held": differs from metatrain.eval's default seeds
 HELDOUT_ADAM_LRS = (1e-3, 3e-3, 1e-2)
@@ -266,3 +273,75 @@ class HeldoutMonitor:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+def read_curve(run_dir: str | Path) -> list[dict[str, float]]:
+    """The held-out curve of a run: one dict per evaluation, in step order."""
+    path = Path(run_dir) / CURVE_FILE
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no {CURVE_FILE}; was the run made with --heldout-tasks 0?")
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return sorted(lines, key=lambda x: x["step"])
+
+
+def plot_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """``heldout.png``: held-out train loss (learned and Adam) and their ratio against
+    meta-training wall time, one line per family plus the mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = read_curve(run_dir)
+    minutes = [x["elapsed_s"] / 60 for x in curve]
+    families = sorted(
+        k.removeprefix("heldout_").removesuffix("_ratio")
+        for k in curve[0]
+        if k.endswith("_ratio") and k != "heldout_ratio"
+    )
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(minutes, [x["heldout_train_loss"] for x in curve], "o-", label="learned θ")
+    left.plot(minutes, [x["heldout_adam_train_loss"] for x in curve], "--", label="best Adam")
+    left.set(xlabel="meta-training wall time (min)", ylabel="held-out final train loss")
+    left.set_yscale("log")
+    left.legend()
+    for name in families:
+        right.plot(minutes, [x[f"heldout_{name}_ratio"] for x in curve], ".-", label=name)
+    right.plot(minutes, [x["heldout_ratio"] for x in curve], "ko-", label="mean")
+    right.axhline(1.0, color="grey", lw=0.8)
+    right.set(xlabel="meta-training wall time (min)", ylabel="learned / Adam (lower is better)")
+    right.set_yscale("log")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "heldout.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m metatrain.heldout RUN_DIR``: print the curve and write RUN_DIR/heldout.png."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m metatrain.heldout", description=main.__doc__)
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/heldout.png)")
+    args = parser.parse_args(argv)
+    try:
+        curve = read_curve(args.run_dir)
+    except ValueError as err:
+        print(f"error: {err}")
+        return 2
+    print("step  minutes  train_loss  adam_loss  ratio  diverged")
+    for x in curve:
+        print(
+            f"{x['step']:>5} {x['elapsed_s'] / 60:8.1f} {x['heldout_train_loss']:11.4f} "
+            f"{x['heldout_adam_train_loss']:10.4f} {x['heldout_ratio']:6.3f} "
+            f"{int(x['heldout_diverged']):>9}"
+        )
+    print(f"wrote {plot_curve(args.run_dir, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

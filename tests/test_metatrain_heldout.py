@@ -129,3 +129,28 @@ def test_lane_step_training_matches_the_evaluation_runner(tmp_path, backend):
     )
     torch.testing.assert_close(losses, curves.train_loss[0, 0], rtol=1e-4, atol=1e-5)
     assert valid == pytest.approx(float(curves.val_loss[0, 0, -1]), rel=1e-4)
+
+
+def test_curve_cli_prints_the_table_and_writes_the_plot(tmp_path, capsys):
+    from metatrain.heldout import main
+
+    lines = []
+    for step, ratio in ((0, 2.0), (50, 1.5)):
+        lines.append(
+            {
+                "step": step,
+                "elapsed_s": step * 6.0,
+                "heldout_train_loss": ratio * 0.1,
+                "heldout_adam_train_loss": 0.1,
+                "heldout_ratio": ratio,
+                "heldout_diverged": 0.0,
+                "heldout_mlp_digits_ratio": ratio,
+            }
+        )
+    (tmp_path / CURVE_FILE).write_text("".join(json.dumps(x) + "\n" for x in reversed(lines)))
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "   50      5.0      0.1500     0.1000  1.500" in out  # sorted by step, minutes
+    assert (tmp_path / "heldout.png").stat().st_size > 1000
+    assert main([str(tmp_path / "none")]) == 2
+    assert "no heldout.jsonl" in capsys.readouterr().out

@@ -107,3 +107,38 @@ def test_auto_starts_from_the_architectures_default_weights_when_they_fit(tmp_pa
     auto = train(tiny_config(tmp_path / "auto", init_from="auto", outer_steps=1, outer_lr=1e-12))
     for k, v in entry.theta.items():
         _same(auto.theta[k], v)
+
+
+def test_celo2_momentum_theta_is_orthogonalised_momentum(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from lopt.celo2 import core
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "celo2_momentum_theta.py"
+    spec = importlib.util.spec_from_file_location("celo2_momentum_theta", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = lopt.resolve_config("celo2")
+    arch = lopt.architecture_of(cfg)
+    theta = module.momentum_theta(noise=0.0)
+    params = {"w": torch.randn(6, 9) * 0.1, "b": torch.zeros(6)}
+    state = arch.init_state(params, cfg)
+    gen = torch.Generator().manual_seed(0)
+    m = torch.zeros(6, 9)
+    for _ in range(3):
+        grads = {"w": torch.randn(6, 9, generator=gen), "b": torch.randn(6, generator=gen)}
+        m = 0.9 * m + 0.1 * grads["w"]
+        new, state = arch.update(theta, state, params, grads, cfg, lr=1.0)
+        step = (params["w"] - new["w"]) / cfg.step_mult
+        params = new
+        expected = core.newton_schulz(m)
+        expected = expected / expected.pow(2).mean().sqrt()
+        torch.testing.assert_close(step, expected, rtol=1e-3, atol=1e-3)
+    # through the run: --init-from accepts the written file for a celo2 run
+    out = tmp_path / "m.safetensors"
+    lopt.save_theta(out, module.momentum_theta(), cfg)
+    from metatrain.init_from import resolve_init
+
+    init = resolve_init(str(out), cfg, {})
+    assert init is not None and init.record["kind"] == "file"
