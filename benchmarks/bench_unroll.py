@@ -1,23 +1,27 @@
 """Inner steps/s of the vectorised unroll, where its time goes, and how close it is to the roofline.
 
-    PYTHONPATH=. python benchmarks/bench_unroll.py [--lanes 8,16,64] [--rounds 5] [--threads 2]
+    PYTHONPATH=. python benchmarks/bench_unroll.py [--lanes 8,16,64] [--lopt all] [--threads 2]
 
-For each lane count and learned-optimizer configuration it times one slot (every lane one inner
-step) of five paths on the same task, interleaved round by round, best round kept, so that the
-ratios come from one run on one (possibly shared, noisy) machine:
+For each lane count and learned optimizer (``--lopt``: ``ARCH`` or ``ARCH:PRESET``, comma-separated;
+``all`` = both small_fc_lopt presets and every other registered architecture's default preset) it
+times one slot (every lane one inner step) of these paths on the same task, interleaved round by
+round, best round kept, so that the ratios come from one run on one (possibly shared, noisy)
+machine:
 
 - ``lanes``: the fast path (``--lopt-backend cpp``): the task's batched forward/backward
-  (``Task.lanes_grad_and_value``) and the lane-batched lopt update, in place;
-- ``fused (per-lane op)``: the previous fast path, kept here as the baseline: vmapped inner
-  gradients and the fused op called once per (lane, tensor) on cloned lane state;
+  (``Task.lanes_grad_and_value``) and the architecture's lane-batched update, in place; for an
+  architecture without a lane kernel, the vmapped-core fallback (``vmapped_lane_update``);
+- ``fused (per-lane op)`` (small_fc_lopt only): the previous fast path, kept here as the baseline:
+  vmapped inner gradients and the fused op called once per (lane, tensor) on cloned lane state;
 - ``vmap``: the reference (``--lopt-backend torch``), one ``torch.func.vmap`` of grad + update;
 - ``loop``: the same math lane by lane in Python.
 
 The ``lanes`` slot is split into inner forward/backward, lopt update and the rest (batch draw,
-normaliser, resets, counters). The roofline counts the slot's floating-point operations (the
-inner GEMMs exactly, the lopt update per element, see :func:`lopt_flops_per_element`) and
-divides by the GEMM rate measured in the same run on the inner problem's own first-layer
-``bmm``; ``roofline`` is that time over the measured slot time. Docs: docs/design/lanes.md.
+normaliser, resets, counters). The roofline counts the matrix-multiply FLOPs of one lane's inner
+forward/backward and lopt update (``torch.utils.flop_counter``: GEMMs and convolutions; the
+elementwise work is not counted) and divides them by the GEMM rate measured in the same run on
+the inner problem's first-layer ``bmm``; the fraction is that time over the measured slot time.
+Design notes: docs/design/lanes.md.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import lopt
 import tasks
 from lopt import core
 from lopt.kernels import ops
+from lopt.kernels.lanes import vmapped_lane_update
 from metatrain.schedules import Constant
 from metatrain.unroll import TaskLanes, VectorizedUnroll
 
@@ -96,30 +102,42 @@ class PerLaneOpLanes(TaskLanes):
         return {"params": params, "opt_state": opt_state, "task_cfg": state["task_cfg"]}, loss
 
 
+class FallbackLanes(TaskLanes):
+    """The fast path for an architecture without a lane kernel: batched inner gradients and the
+    vmapped-core update written back in place (what registering ``vmapped_lane_update`` gives)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{**kwargs, "lopt_backend": "torch"})
+        self.lopt_backend = "cpp"
+        self.lane_update = vmapped_lane_update(self.arch.update, lopt.unflatten_theta)
+
+
 # -- FLOPs ----------------------------------------------------------------------------------------
-def mlp_task_flops(static, batch: int) -> int:
-    """Forward + backward FLOPs of one image-MLP inner step (GEMMs only; 2 per multiply-add).
-
-    Forward ``2·B·in·out`` per layer; backward the weight gradient (same) and, except for the
-    first layer (no input gradient needed), the input gradient (same again).
-    """
-    sizes = [static.image_size**2, *static.hidden, 10]
-    total = 0
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        total += (2 if i == 0 else 3) * 2 * batch * fan_in * fan_out
-    return total
+def gemm_flops(fn: Callable[[], object]) -> int:
+    """Matrix-multiply FLOPs of ``fn()`` (2 per multiply-add; GEMMs and convolutions only)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
-def lopt_flops_per_element(cfg: lopt.SmallFCConfig) -> int:
-    """small_fc_lopt work per parameter element: the MLP plus the feature arithmetic.
-
-    The MLP with the normalisation folded into its first layer: ``2·(28·h + (L−2)·h² + 2·h)``;
-    the accumulators and 28 features, counted one FLOP per arithmetic operation and rsqrt:
-    moments 3·3 + 3, accumulators 3·3, features ≈ 40, normalisation sums 2·28, step 5.
-    """
-    h, hidden = cfg.hidden_size, cfg.hidden_layers
-    mlp = 2 * (28 * h + (hidden - 1) * h * h + 2 * h)
-    return mlp + 12 + 9 + 40 + 56 + 5
+def lane_flops(task, family, static, arch, cfg) -> tuple[int, int]:
+    """``(inner forward + backward, lopt update)`` GEMM FLOPs of one lane's inner step."""
+    gen = torch.Generator().manual_seed(0)
+    lane_cfg = family.sample_lane(gen, static)
+    params = task.init(gen, lane_cfg)
+    batch = {k: v[0] for k, v in next(task.batches("train", 1, 0)).items()}
+    out = {}
+    inner = gemm_flops(
+        lambda: out.update(zip(("grads", "loss"), torch.func.grad_and_value(task.loss)(
+            params, batch, lane_cfg
+        )))
+    )  # fmt: skip
+    theta = arch.init_theta(cfg, gen)
+    state = arch.init_state(params, cfg)
+    update = gemm_flops(
+        lambda: arch.update(theta, state, params, out["grads"], cfg, loss=out["loss"])
+    )
+    return inner, update
 
 
 def gemm_rate(lanes: int, static, rounds: int) -> float:
@@ -132,18 +150,19 @@ def gemm_rate(lanes: int, static, rounds: int) -> float:
 
 
 # -- one configuration ----------------------------------------------------------------------------
-def bench(task, family, static, cfg, lanes: int, args) -> dict:
+def bench(task, family, static, arch, cfg, lanes: int, args) -> dict:
     n = lanes // 2
     gen = torch.Generator().manual_seed(0)
-    theta = lopt.flatten_theta(lopt.init_theta(cfg, gen), cfg)
+    theta = lopt.flatten_theta(arch.init_theta(cfg, gen), cfg)
     theta_lanes = (theta + 0.01 * torch.randn(lanes, theta.numel(), generator=gen)).contiguous()
 
     def unroll(problem_cls, backend):
         problem = problem_cls(task, family, static, cfg, n, stream_seed=1, lopt_backend=backend)
         return VectorizedUnroll(problem, n, Constant(TRAJECTORY), TRAJECTORY, seed=0)
 
-    fast = unroll(TaskLanes, "cpp")
-    fused = unroll(PerLaneOpLanes, "torch")
+    kernel = arch.lanes_update is not None
+    fast = unroll(TaskLanes, "cpp") if kernel else unroll(FallbackLanes, "torch")
+    fused = unroll(PerLaneOpLanes, "torch") if arch.name == "small_fc_lopt" else None
     vmap = unroll(TaskLanes, "torch")
 
     # the per-lane loop: the same math lane by lane, no vmap
@@ -170,20 +189,22 @@ def bench(task, family, static, cfg, lanes: int, args) -> dict:
         b = next(stream)
         with torch.no_grad():
             for i, (params, opt_state, lane_cfg) in enumerate(lane_states):
-                g, _ = single_grad(params, {k: v[i % n] for k, v in b.items()}, lane_cfg)
-                lopt.update(theta_dicts[i], opt_state, params, g, cfg)
+                g, loss = single_grad(params, {k: v[i % n] for k, v in b.items()}, lane_cfg)
+                arch.update(theta_dicts[i], opt_state, params, g, cfg, loss=loss)
 
     # the parts of a fast slot, on a copy of its lane state
     batch = {k: torch.cat([v, v]) for k, v in next(stream).items()}
-    grads, _ = task.lanes_grad_and_value(state["params"], batch, state["task_cfg"])
+    grads, loss = task.lanes_grad_and_value(state["params"], batch, state["task_cfg"])
     update = fast.problem.lane_update
     prepared = update.prepare(theta_lanes, cfg)
 
     slots, loop_slots = args.slots, max(1, args.slots // max(1, lanes // 4))
+    paths = {"lanes": (lambda: fast.run(theta_lanes, 1), slots)}
+    if fused is not None:
+        paths["fused (per-lane op)"] = (lambda: fused.run(theta_lanes, 1), slots)
     times = interleaved(
         {
-            "lanes": (lambda: fast.run(theta_lanes, 1), slots),
-            "fused (per-lane op)": (lambda: fused.run(theta_lanes, 1), slots),
+            **paths,
             "vmap": (lambda: vmap.run(theta_lanes, 1), slots),
             "loop": (loop, loop_slots),
             "part: forward + backward": (
@@ -191,7 +212,9 @@ def bench(task, family, static, cfg, lanes: int, args) -> dict:
                 slots,
             ),
             "part: lopt update": (
-                lambda: update.apply_(prepared, state["opt_state"], state["params"], grads, cfg),
+                lambda: update.apply_(
+                    prepared, state["opt_state"], state["params"], grads, cfg, loss=loss
+                ),
                 slots,
             ),
             "part: batch draw": (lambda: next(stream), slots),
@@ -199,22 +222,26 @@ def bench(task, family, static, cfg, lanes: int, args) -> dict:
         args.rounds,
     )
     rate = gemm_rate(lanes, static, args.rounds)
-    flops = lanes * (
-        mlp_task_flops(static, static.batch_size) + lopt_flops_per_element(cfg) * task.num_params
-    )
-    return {"times": times, "gemm_rate": rate, "flops": flops}
+    inner, update_flops = lane_flops(task, family, static, arch, cfg)
+    return {
+        "times": times, "gemm_rate": rate, "flops": lanes * (inner + update_flops),
+        "inner_flops": inner, "update_flops": update_flops, "kernel": kernel,
+    }  # fmt: skip
 
 
 def report(name: str, lanes: int, result: dict) -> None:
     t = result["times"]
-    steps = {p: lanes / t[p] for p in ("lanes", "fused (per-lane op)", "vmap", "loop")}
-    print(f"\n### {name}, {lanes} lanes\n")
-    print("| path | ms / slot | inner steps/s | × loop | × fused (per-lane op) |")
+    order = ("lanes", "fused (per-lane op)", "vmap", "loop")
+    steps = {p: lanes / t[p] for p in order if p in t}
+    base = "fused (per-lane op)" if "fused (per-lane op)" in steps else "vmap"
+    kind = "lane kernel" if result["kernel"] else "no lane kernel: vmapped-core fallback"
+    print(f"\n### {name}, {lanes} lanes ({kind})\n", flush=True)
+    print(f"| path | ms / slot | inner steps/s | × loop | × {base} |")
     print("|---|---|---|---|---|")
     for path, s in steps.items():
         print(
             f"| {path} | {1e3 * t[path]:.2f} | {s:,.0f} | {s / steps['loop']:.1f} | "
-            f"{s / steps['fused (per-lane op)']:.2f} |"
+            f"{s / steps[base]:.2f} |"
         )
     slot = t["lanes"]
     fwd, upd = t["part: forward + backward"], t["part: lopt update"]
@@ -230,7 +257,8 @@ def report(name: str, lanes: int, result: dict) -> None:
         print(f"| {part} | {1e3 * sec:.3f} | {100 * sec / slot:.0f} % |")
     roof = result["flops"] / result["gemm_rate"]
     print(
-        f"\nroofline: {result['flops'] / lanes / 1e6:.2f} MFLOP per inner step, GEMM rate "
+        f"\nroofline: {result['inner_flops'] / 1e6:.2f} + {result['update_flops'] / 1e6:.2f} "
+        f"MFLOP (forward/backward + lopt update GEMMs) per inner step, GEMM rate "
         f"{result['gemm_rate'] / 1e9:.1f} GFLOP/s (bmm, this run) → {1e3 * roof:.3f} ms per slot; "
         f"the `lanes` slot reaches **{100 * roof / slot:.0f} %** of it "
         f"({lanes / roof:,.0f} inner steps/s at the roofline)"
@@ -247,7 +275,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=8)
     parser.add_argument(
-        "--lopt", default="original,mulo", help="comma-separated small_fc_lopt presets"
+        "--lopt",
+        default="all",
+        help="comma-separated ARCH or ARCH:PRESET; all = small_fc_lopt:original, "
+        "small_fc_lopt:mulo and every other registered architecture's default preset",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -264,12 +295,24 @@ def main() -> None:
     if not ops.load_cpp().ok:
         raise SystemExit("the fused CPU kernel is needed: python -m lopt.kernels build")
     print(f"CPU kernel ISA: {torch.ops.lozoo.cpu_isa()}")
-    for preset in args.lopt.split(","):
-        cfg = lopt.preset(preset)
+    for spec in optimizers(args.lopt):
+        arch_name, _, preset_name = spec.partition(":")
+        arch = lopt.get_architecture(arch_name)
+        cfg = arch.preset(preset_name or None)
         for lanes in lane_counts:
-            report(
-                f"small_fc_lopt ({preset})", lanes, bench(task, family, static, cfg, lanes, args)
-            )
+            try:
+                result = bench(task, family, static, arch, cfg, lanes, args)
+            except Exception as err:  # an architecture the unroll cannot drive yet
+                print(f"\n### {spec}, {lanes} lanes: skipped ({type(err).__name__}: {err})")
+                break
+            report(spec, lanes, result)
+
+
+def optimizers(text: str) -> list[str]:
+    if text != "all":
+        return text.split(",")
+    others = [n for n in lopt.architecture_names() if n != "small_fc_lopt"]
+    return ["small_fc_lopt:original", "small_fc_lopt:mulo", *others]
 
 
 if __name__ == "__main__":

@@ -120,6 +120,11 @@ def guarded_apply_(
     """
     lanes = state["t"].shape[0]
     skipped = torch.zeros(lanes, dtype=torch.int64)
+    # one reduction for every tensor first: max |g| is NaN or inf exactly when some element is
+    peaks = torch._foreach_norm(list(grads.values()), float("inf"))
+    if not peaks or bool(torch.isfinite(torch.stack(peaks)).all()):
+        update.apply_(prepared, state, params, grads, cfg, loss=loss)
+        return skipped
     safe, saved = dict(grads), {}
     for name, g in grads.items():
         ok = torch.isfinite(g).reshape(lanes, -1).all(-1)
