@@ -168,6 +168,22 @@ class LaneActivations:
             for k, lanes in sorted(lanes_of.items())
         ]
 
+    _cache: ClassVar[dict[int, tuple[Tensor, int, tuple[str, ...], LaneActivations]]] = {}
+
+    @classmethod
+    def of(cls, index: Tensor, names: Sequence[str]) -> LaneActivations:
+        """Cached per index tensor and version: an unroll's lane configs change only at resets
+        (in place, which bumps the version), so the grouping is rebuilt only then."""
+        names = tuple(names)
+        hit = cls._cache.get(id(index))
+        if hit is not None and hit[0] is index and hit[1] == index._version and hit[2] == names:
+            return hit[3]
+        groups = cls(index, names)
+        if len(cls._cache) >= 16:
+            cls._cache.clear()
+        cls._cache[id(index)] = (index, index._version, names, groups)
+        return groups
+
     @property
     def uniform(self) -> bool:
         return len(self.groups) == 1

@@ -90,7 +90,7 @@ class ConvTask(ImageClassificationTask):
         Gradients by autograd on this batched graph; equal to the vmapped reference up to float
         rounding (tests/test_tasks_lanes.py).
         """
-        acts = LaneActivations(lane_cfg["activation"], self.activations)
+        acts = LaneActivations.of(lane_cfg["activation"], self.activations)
         x = batch["x"]
         lanes, size = x.shape[0], x.shape[1]
         with torch.enable_grad():

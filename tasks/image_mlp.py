@@ -108,7 +108,7 @@ class ImageMLPTask(ImageClassificationTask):
         weights, activations applied per group of lanes (:class:`LaneActivations`); equal to
         the vmapped reference up to float rounding (tests/test_tasks_lanes.py).
         """
-        acts = LaneActivations(lane_cfg["activation"], self.activations)
+        acts = LaneActivations.of(lane_cfg["activation"], self.activations)
         depth = len(self.static.hidden)
         inputs, pre = [batch["x"]], []
         for i in range(depth + 1):

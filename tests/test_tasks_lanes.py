@@ -74,3 +74,14 @@ def test_lanes_with_one_activation_and_with_several_agree_lane_by_lane():
         torch.testing.assert_close(l1[0], loss[lane], rtol=1e-6, atol=1e-7)
         for key in grads:
             torch.testing.assert_close(g1[key][0], grads[key][lane], rtol=1e-5, atol=1e-7)
+
+
+def test_lane_activation_groups_follow_in_place_changes_of_the_lane_configs():
+    """The unroll resets lane configs in place; the cached grouping must notice."""
+    task, params, batch, cfgs = lanes_of("mlp_8x8_w32_mixed")
+    task.lanes_grad_and_value(params, batch, cfgs)  # caches the grouping of this tensor
+    cfgs["activation"][:] = (cfgs["activation"] + 1) % len(task.activations)
+    ref_grads, _ = Task.lanes_grad_and_value(task, params, batch, cfgs)
+    grads, _ = task.lanes_grad_and_value(params, batch, cfgs)
+    for key, ref in ref_grads.items():
+        torch.testing.assert_close(grads[key], ref, rtol=1e-4, atol=1e-6)
