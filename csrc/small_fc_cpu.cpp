@@ -114,14 +114,23 @@ void reduce_middle(int64_t outer, int64_t R, int64_t inner, Load load, Finish fi
   });
 }
 
+// Work buffers live per calling thread and are reused call after call: the meta-trainer steps
+// thousands of small tensors per second (one call per lane and tensor), where allocating them
+// cost as much as the arithmetic. Each step uses its own thread's buffers, so lanes stepped in
+// parallel never share one; inside a step, tile workers address the caller's scratch by thread id.
+template <typename T>
+T* thread_buffer(std::vector<T>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
+  return buffer.data();
+}
+
 // Step 0: r, c and the SoA statistic buffers (value, rsqrt(value + 1e-8), factor) per decay.
 template <typename T>
-at::Tensor factored_statistics(Ctx& c, const T* g, float* r, float* cst) {
+void factored_statistics(Ctx& c, const T* g, float* r, float* cst) {
   const Geometry& geo = c.geo;
   const int64_t nr = geo.size_r(), nc = geo.size_c();
-  at::Tensor buf = at::empty({9 * (nr + nc) + 3 * geo.size_mean()},
-                             at::TensorOptions().dtype(at::kFloat));
-  float* base = buf.data_ptr<float>();
+  static thread_local std::vector<float> statistics;
+  float* base = thread_buffer(statistics, 9 * (nr + nc) + 3 * geo.size_mean());
   for (int k = 0; k < 3; ++k) {
     c.row_val[k] = base + k * nr;
     c.row_rs[k] = base + (3 + k) * nr;
@@ -181,7 +190,6 @@ at::Tensor factored_statistics(Ctx& c, const T* g, float* r, float* cst) {
       for (int64_t i = b; i < std::min(e, nc); ++i) cf[i] = col_factor(c.col_val[k][i]);
     }
   });
-  return buf;
 }
 
 // Channel sums pass 1 skips (summed_per_element). Rank ≥ 2: Σ over elements of a statistic
@@ -240,8 +248,8 @@ std::vector<MlpLayer> mlp_layers(at::TensorList layers, int64_t lane, bool lane_
 }
 
 // Step 2 prologue: the MLP with the normalisation folded into w0's rows and the time features
-// into b0 (design §13), zero-padded to the register tile. Returns the storage of `layers`.
-at::Tensor fold_layers(const std::vector<MlpLayer>& theta, const double* sums, int64_t n, double t,
+// into b0 (design §13), zero-padded to the register tile, in this thread's buffer.
+void fold_layers(const std::vector<MlpLayer>& theta, const double* sums, int64_t n, double t,
                        int64_t h, std::vector<Layer>& layers) {
   const int num = static_cast<int>(theta.size());
   const int hp = round_up(static_cast<int>(h), 4);
@@ -252,8 +260,9 @@ at::Tensor fold_layers(const std::vector<MlpLayer>& theta, const double* sums, i
     kout[l] = l + 1 == num ? 2 : hp;
     total += static_cast<int64_t>(kin[l] + 1) * kout[l];
   }
-  at::Tensor store = at::zeros({total}, at::TensorOptions().dtype(at::kFloat));
-  float* dst = store.data_ptr<float>();
+  static thread_local std::vector<float> store;
+  float* dst = thread_buffer(store, total);
+  std::fill(dst, dst + total, 0.0f);
   layers.resize(num);
   for (int l = 0; l < num; ++l) {
     const float* w = theta[l].w;
@@ -280,14 +289,12 @@ at::Tensor fold_layers(const std::vector<MlpLayer>& theta, const double* sums, i
     layers[l] = Layer{W, B, kin[l], kout[l]};
     dst = B + kout[l];
   }
-  return store;
 }
 
 template <typename T>
 void step_impl(Ctx& c, const T* grad, float* r, float* cst, const std::vector<MlpLayer>& theta,
                int64_t h, double t) {
-  at::Tensor stats;
-  if (c.geo.factored) stats = factored_statistics<T>(c, grad, r, cst);
+  if (c.geo.factored) factored_statistics<T>(c, grad, r, cst);
   const int hmax = std::max(round_up(static_cast<int>(h), 4), 2);
   const int64_t tiles = (c.geo.n + kTile - 1) / kTile;
   c.scratch_floats = round_up(static_cast<int>(Scratch::floats(hmax)), 16);
@@ -295,11 +302,10 @@ void step_impl(Ctx& c, const T* grad, float* r, float* cst, const std::vector<Ml
   // loops below run inline on the calling thread, whose id may exceed what get_num_threads()
   // reports there, so size by the id as well.
   const int64_t slots = std::max(at::get_num_threads(), at::get_thread_num() + 1);
-  at::Tensor scratch = at::empty({slots * c.scratch_floats},
-                                 at::TensorOptions().dtype(at::kFloat));
-  at::Tensor tile_sums = at::empty({tiles, kElemFeatures}, at::TensorOptions().dtype(at::kDouble));
-  c.scratch = scratch.data_ptr<float>();
-  c.tile_sums = tile_sums.data_ptr<double>();
+  static thread_local std::vector<float> scratch;
+  static thread_local std::vector<double> tile_sums;
+  c.scratch = thread_buffer(scratch, slots * c.scratch_floats);
+  c.tile_sums = thread_buffer(tile_sums, tiles * kElemFeatures);
   TileFn accumulate_fn, update_fn;
   pick<T>(accumulate_fn, update_fn);
   at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) { accumulate_fn(c, b, e, hmax); });
@@ -308,7 +314,7 @@ void step_impl(Ctx& c, const T* grad, float* r, float* cst, const std::vector<Ml
     for (int ch = 0; ch < kElemFeatures; ++ch) sums[ch] += c.tile_sums[tile * kElemFeatures + ch];
   stat_channel_sums(c, sums);
   std::vector<Layer> layers;
-  at::Tensor folded = fold_layers(theta, sums, c.geo.n, t, h, layers);
+  fold_layers(theta, sums, c.geo.n, t, h, layers);
   c.layers = layers.data();
   c.num_layers = static_cast<int>(layers.size());
   at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) { update_fn(c, b, e, hmax); });

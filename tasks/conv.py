@@ -25,6 +25,7 @@ from tasks.classification import (
     LaneActivations,
     check_activations,
     check_dataset,
+    lanes_cross_entropy_loss,
     normalise_image_family,
     sample_classification_lane,
     sample_image_architecture,
@@ -105,12 +106,8 @@ class ConvTask(ImageClassificationTask):
                 h = acts.where(h, lane_dim=1).view(size, lanes * out_ch, *h.shape[3:])
             pooled = h.mean(dim=(-2, -1)).view(size, lanes, -1).transpose(0, 1)
             head_w, head_b = leaves["head.weight"], leaves["head.bias"]
-            logits = torch.baddbmm(head_b.unsqueeze(1), pooled, head_w.transpose(1, 2))
-            classes = logits.shape[-1]
-            loss = F.cross_entropy(
-                logits.reshape(-1, classes), batch["y"].reshape(-1), reduction="none"
-            )
-            loss = loss.view(lanes, size).mean(1)
+            logits = torch.baddbmm(head_b.unsqueeze(2), head_w, pooled.transpose(1, 2))
+            loss = lanes_cross_entropy_loss(logits, batch["y"])  # class-major logits
             grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
         return dict(zip(leaves, grads, strict=True)), loss.detach()
 

@@ -111,15 +111,23 @@ class ImageMLPTask(ImageClassificationTask):
         acts = LaneActivations.of(lane_cfg["activation"], self.activations)
         depth = len(self.static.hidden)
         inputs, pre = [batch["x"]], []
-        for i in range(depth + 1):
+        for i in range(depth):
             weight, bias = params[f"layer{i}.weight"], params[f"layer{i}.bias"]
             z = torch.baddbmm(bias.unsqueeze(1), inputs[-1], weight.transpose(1, 2))
-            if i < depth:
-                pre.append(z)
-                inputs.append(acts.forward(z))
-        loss, grad_z = lanes_cross_entropy(z, batch["y"])
-        grads: dict[str, Tensor] = {}
-        for i in range(depth, -1, -1):
+            pre.append(z)
+            inputs.append(acts.forward(z))
+        # the head computes class-major logits [L, C, B] (see lanes_log_softmax)
+        head_w, head_b = params[f"layer{depth}.weight"], params[f"layer{depth}.bias"]
+        logits = torch.baddbmm(head_b.unsqueeze(2), head_w, inputs[-1].transpose(1, 2))
+        loss, grad_logits = lanes_cross_entropy(logits, batch["y"])
+        grads: dict[str, Tensor] = {
+            f"layer{depth}.weight": torch.bmm(grad_logits, inputs[depth]),
+            f"layer{depth}.bias": grad_logits.sum(2),
+        }
+        if depth > 0:
+            grad_in = torch.bmm(grad_logits.transpose(1, 2), head_w)
+            grad_z = acts.backward(grad_in, pre[-1], inputs[depth])
+        for i in range(depth - 1, -1, -1):
             grads[f"layer{i}.weight"] = torch.bmm(grad_z.transpose(1, 2), inputs[i])
             grads[f"layer{i}.bias"] = grad_z.sum(1)
             if i > 0:
