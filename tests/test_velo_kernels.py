@@ -179,3 +179,19 @@ def closure_for_conv(model, x):
         return loss
 
     return closure
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (20, 10), (8, 8, 3, 3), (3, 5, 5, 3)], ids=str)
+def test_cuda_op_matches_the_torch_twin(shape):
+    reason = kernels.cuda_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"CUDA kernel unavailable: {reason}")
+    args = op_args(shape)
+    old = args[0].clone()
+    on_gpu = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    on_gpu[9] = [w.cuda() for w in args[9]]
+    kernels.op()(*on_gpu)
+    kernels.velo_mlp_step_torch(*args)
+    got, want = old - on_gpu[0].cpu(), old - args[0]
+    tol = 2e-5 * want.abs().max() + 4 * torch.finfo(torch.float32).eps * old.abs().max()
+    assert (got - want).abs().max() <= tol
