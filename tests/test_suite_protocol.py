@@ -264,10 +264,25 @@ def test_learned_optimizer_runs_through_lopt_and_publishes_to_its_card(tmp_path,
         comparison_markdown([result.report, other])
 
 
-def test_max_time_reports_the_finished_problems(tmp_path):
+def test_max_time_reports_the_finished_problems(tmp_path, monkeypatch):
+    from metatrain.generalisation import suite as suite_mod
+
     cfg = tiny(tmp_path, problems=("digits_mlp", "fmnist_conv"), steps_scale=0.02, max_time=1e-9)
     with pytest.raises(ValueError, match="no problem finished"):
         evaluate_suite(cfg)
+    real = suite_mod.train_run
+
+    def out_of_time_on_conv(problem, *args, **kwargs):
+        if problem.name == "fmnist_conv":
+            raise runner_mod.OutOfTime("fmnist_conv at step 0")
+        return real(problem, *args, **{**kwargs, "deadline": None})
+
+    monkeypatch.setattr(suite_mod, "train_run", out_of_time_on_conv)
+    result = evaluate_suite(tiny(tmp_path, problems=("digits_mlp", "fmnist_conv"), max_time=600))
+    assert [p["name"] for p in result.report["problems"]] == ["digits_mlp"]
+    assert result.report["incomplete"] == ["fmnist_conv"]
+    assert "--max-time 600 s ran out" in result.report["stopped"]
+    assert "Not evaluated" in (result.out_dir / "table.md").read_text()
 
 
 @pytest.mark.parametrize(
