@@ -68,7 +68,8 @@ def scored_loss(run: RunResult) -> float:
 
 def normalised_loss(runs: Sequence[RunResult], reference: Sequence[RunResult]) -> np.ndarray:
     """Per seed of ``runs``: ``min(L, L₀)`` over the reference's seed-mean final train loss."""
-    ref = float(np.mean([scored_loss(r) for r in reference]))
+    # a loss of exactly 0 (a float32 cross-entropy can underflow) must not divide by zero
+    ref = max(float(np.mean([scored_loss(r) for r in reference])), 1e-12)
     return np.array([scored_loss(r) / ref for r in runs])
 
 
