@@ -25,6 +25,10 @@ Families (:data:`FAMILY_NAMES`): ``mlp_mnist``, ``mlp_fashion_mnist`` (sampled, 
 ``canonical=True`` for the fixed 2,410-parameter task), ``mlp_digits`` (scikit-learn's 8×8
 digits), ``conv_mnist``, ``quadratic``. Their
 ranges are in each family class's docstring. Data sources: :mod:`tasks.datasets`.
+
+Fixed held-out problems with train/test splits (the generalisation suite's, never meta-trained
+on) are in :mod:`tasks.heldout`; the text corpus and character-level transformer in
+:mod:`tasks.text`.
 """
 
 from __future__ import annotations
