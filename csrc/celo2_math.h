@@ -32,13 +32,18 @@ LOZOO_C2_HD void advance_moments(float g, float* m, float* v) {
 }
 
 LOZOO_C2_HD float clampf(float x, float lo, float hi) {
-  // NaN passes through, as torch.clamp does.
-  return x < lo ? lo : (x > hi ? hi : x);
+  // NaN passes through, as torch.clamp does. Two plain selects (not a nested conditional) so the
+  // CPU loops over elements stay branch-free and vectorise.
+  const float y = x < lo ? lo : x;
+  return y > hi ? hi : y;
 }
 
 LOZOO_C2_HD float rsqrt_f(float x) { return 1.0f / sqrtf(x); }
 
-LOZOO_C2_HD float safe_rsqrt_f(float x) { return rsqrt_f(x < kEpsSafe ? kEpsSafe : x); }
+LOZOO_C2_HD float safe_rsqrt_f(float x) {
+  const float y = x < kEpsSafe ? kEpsSafe : x;
+  return rsqrt_f(y);
+}
 
 // Row/column statistics per k: [stat_k (3), rsqrt(stat_k + 1e-8) (3), factor_k (3)], where the
 // factor is ρ_k for rows and κ_k for columns.
