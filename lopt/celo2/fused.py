@@ -143,7 +143,8 @@ def kernel_direction_(
         v_diag = None
         row_by_i = b == n - 2
     if not hasattr(torch.ops.lozoo, "celo2_direction") and not op_is_available(g.device.type):
-        raise RuntimeError(f"lozoo::celo2_direction is unavailable: {unavailable_reason('cpu')}")
+        reason = unavailable_reason(g.device.type)
+        raise RuntimeError(f"lozoo::celo2_direction is unavailable: {reason}")
     d = torch.ops.lozoo.celo2_direction(
         g.view(view), p.view(view), state["m"].view(*view, 3), state["v"].view(view),
         row_stats, col_stats, v_diag, *args, row_by_i,
