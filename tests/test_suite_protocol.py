@@ -264,6 +264,18 @@ def test_learned_optimizer_runs_through_lopt_and_publishes_to_its_card(tmp_path,
         comparison_markdown([result.report, other])
 
 
+def test_grid_divergences_are_listed_and_lrs_is_the_evaluated_optimizers_grid(tmp_path):
+    cfg = tiny(tmp_path, optimizer="sgd", lrs=(1e-2, 1e4), schedules=("constant",), seeds=1)
+    report = evaluate_suite(cfg).report
+    problem = report["problems"][0]
+    assert {g["config"]["lr"] for g in problem["optimizer"]["grid"]} >= {1e-2, 1e4}
+    assert {g["config"]["lr"] for g in problem["reference"]["grid"]} >= set(lr_grid(3e-3, 2))
+    assert problem["optimizer"]["best"]["lr"] != 1e4  # a diverged run never wins
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Diverged runs of the seed-0 tuning grids" in table
+    assert "- digits_mlp, sgd, lr 10000 constant wd 0: " in table
+
+
 def test_max_time_reports_the_finished_problems(tmp_path, monkeypatch):
     from metatrain.generalisation import suite as suite_mod
 

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_list(float),
         default=None,
         metavar="LR,..",
-        help="explicit lr grid (overrides --lr-points)",
+        help="explicit lr grid of the evaluated optimizer (overrides --lr-points for it; "
+        "AdamW, the reference, keeps its own grid unless it is the one evaluated)",
     )
     add(
         "--schedules",

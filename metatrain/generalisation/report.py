@@ -312,6 +312,27 @@ def _row(problem: Mapping[str, Any], who: str, t: Mapping[str, Any], speed: Any)
     )
 
 
+def _grid_divergences(report: Mapping[str, Any]) -> list[str]:
+    """``problem, optimizer, config: reason`` for every diverged grid run of the report."""
+    cfg = report["config"]
+    names = {"optimizer": cfg["optimizer_spec"]["name"], "reference": cfg["reference_spec"]["name"]}
+    out = []
+    for p in report["problems"]:
+        for who in (
+            ("reference", "optimizer")
+            if names["optimizer"] != names["reference"]
+            else ("reference",)
+        ):
+            for g in p[who]["grid"]:
+                if g["diverged"]:
+                    c = g["config"]
+                    out.append(
+                        f"{p['name']}, {names[who]}, lr {c['lr']:g} {c['schedule']} wd "
+                        f"{c['weight_decay']:g}: {g['divergence']}"
+                    )
+    return out
+
+
 def comparison_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     """One table for several optimizers' reports against the same AdamW (e.g. for README):
     the AdamW rows once, then every optimizer's row per problem, then each one's IQMs."""
@@ -392,6 +413,10 @@ def markdown(report: Mapping[str, Any]) -> str:
                     + " | ".join(cells)
                     + f" | {_ci(agg['ablation'][label][who]['normalised_final_loss'])} |"
                 )
+    diverged = _grid_divergences(report)
+    if diverged:
+        lines += ["", "Diverged runs of the seed-0 tuning grids (never selected):", ""]
+        lines += [f"- {line}" for line in diverged]
     if report.get("incomplete"):
         lines += ["", f"Not evaluated ({report['stopped']}): {', '.join(report['incomplete'])}."]
     return "\n".join(lines) + "\n"

@@ -59,10 +59,13 @@ class SuiteRunner:
         self.bar = bar
         self.computed = 0
         self.reused = 0
+        self.target: str | None = None  # key of the evaluated optimizer (``--lrs`` is its grid)
         self.run_seconds: dict[str, dict[str, float]] = {}  # optimizer → run file → seconds
 
     def grid(self, spec: OptimizerSpec) -> list[RunConfig]:
-        lrs = self.cfg.lrs or lr_grid(spec.lr_centre, self.cfg.lr_points)
+        """``--lrs`` is the evaluated optimizer's own grid; AdamW, the reference, keeps its."""
+        explicit = self.cfg.lrs and spec.key == self.target
+        lrs = self.cfg.lrs if explicit else lr_grid(spec.lr_centre, self.cfg.lr_points)
         return run_grid(lrs, self.cfg.schedules, self.cfg.weight_decays)
 
     def run(
@@ -150,6 +153,7 @@ def evaluate_suite(cfg: SuiteConfig, *, command: str | None = None) -> SuiteResu
     cache = ResultCache(cfg.cache_dir)
     bar = tqdm(total=0, desc="suite", unit="step", disable=not cfg.progress, dynamic_ncols=True)
     runner = SuiteRunner(cfg, cache, deadline, bar)
+    runner.target = spec.key
     bar.total = sum(runner.planned_steps(p, specs) for p in problems)
     results: list[ProblemResult] = []
     stopped: str | None = None
