@@ -1,0 +1,117 @@
+"""Publish a meta-training run with its held-out curve and generalisation-suite reports.
+
+    python scripts/publish_suite_entry.py RUN_DIR SUITE_DIR [SUITE_DIR ...] \\
+        --name celo2/mixture_8x8 --version 1.0.0 --root zoo/bundled --description NOTES.md
+
+One entry, one card: the run's exact command, seed, wall time and config (from the run dir),
+the quality-against-meta-training-time curve (``heldout.jsonl``, ``heldout.png``, written by
+``python -m metatrain.heldout RUN_DIR``), and every suite report given (the first is the main
+one; e.g. a reduced-setting run and a long-horizon run). Each suite report must have evaluated
+exactly these weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+import zoo
+from metatrain.evaluation.source import resolve_optimizer
+from metatrain.generalisation.write import _cfg, _ci, _pm
+from metatrain.heldout import plot_curve, read_curve
+
+
+def suite_metrics(report: dict, label: str) -> dict[str, dict[str, str]]:
+    metrics: dict[str, dict[str, str]] = {}
+    for p in report["problems"]:
+        t, cmp = p["optimizer"], p["comparison"]
+        metrics[f"{label} {p['name']}"] = {
+            "best lr, schedule, wd": _cfg(t["best"]),
+            "final train loss": _pm(t["final"]["train_loss"]),
+            "test loss": _pm(t["final"]["test_loss"]),
+            "test accuracy": _pm(t["final"]["test_accuracy"]),
+            "AdamW final train loss": _pm(p["reference"]["final"]["train_loss"]),
+            "AdamW test loss": _pm(p["reference"]["final"]["test_loss"]),
+            "loss / AdamW (seed mean)": f"{np.mean(cmp['normalised_final_loss']):.3g}",
+            "speedup over AdamW (seed mean)": f"{np.mean(cmp['speedup']):.3g}",
+            "diverged seeds": f"{t['diverged_seeds']}/{t['seeds']}",
+        }
+    agg = report["aggregate"]
+    metrics[f"{label} IQM [95% CI]"] = {
+        "loss / AdamW (seed mean)": _ci(agg["normalised_final_loss"]),
+        "speedup over AdamW (seed mean)": _ci(agg["speedup"]),
+    }
+    return metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("suite_dirs", type=Path, nargs="+")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--version", default=None)
+    parser.add_argument("--root", type=Path, default=None, help="zoo root (default: user zoo)")
+    parser.add_argument("--description", type=Path, help="markdown put at the top of the card")
+    args = parser.parse_args()
+
+    source = resolve_optimizer(str(args.run_dir))
+    meta = dict(source.provenance)
+    record = json.loads((args.run_dir / "config.json").read_text())
+    if record.get("init_from"):
+        meta["init_from"] = record["init_from"]
+    curve = read_curve(args.run_dir)
+    png = plot_curve(args.run_dir)
+    metrics: dict[str, dict[str, str]] = {
+        f"held-out at step {x['step']} ({x['elapsed_s'] / 60:.1f} min)": {
+            "learned final train loss": f"{x['heldout_train_loss']:.4g}",
+            "best-Adam final train loss": f"{x['heldout_adam_train_loss']:.4g}",
+            "learned / Adam": f"{x['heldout_ratio']:.3g}",
+            "diverged tasks": f"{int(x['heldout_diverged'])}",
+        }
+        for x in curve
+    }
+    attachments = {"heldout.png": png, "heldout.jsonl": args.run_dir / "heldout.jsonl"}
+    suites = []
+    for i, suite_dir in enumerate(args.suite_dirs):
+        report = json.loads((suite_dir / "suite.json").read_text())
+        identity = report["config"]["optimizer_spec"]["identity"]
+        sha = identity.get("theta_sha256") if isinstance(identity, dict) else None
+        if sha is not None and sha != source.sha256:
+            raise SystemExit(f"error: {suite_dir} evaluated other weights than {args.run_dir}")
+        label = "suite" if i == 0 else f"suite{i + 1}"
+        metrics.update(suite_metrics(report, label))
+        suites.append(
+            {
+                "label": label,
+                "command": report["command"],
+                "steps_scale": report["config"]["steps_scale"],
+                "seeds": report["config"]["seeds"],
+                "report": f"{label}.json",
+            }
+        )
+        attachments[f"{label}.json"] = suite_dir / "suite.json"
+        for extra in ("suite_table.md", "summary.png"):
+            if (suite_dir / extra).is_file():
+                attachments[f"{label}_{extra}"] = suite_dir / extra
+        for png_path in sorted(suite_dir.glob("curves_*.png")):
+            attachments[f"{label}_{png_path.name}"] = png_path
+    meta.update(metrics=metrics, generalisation_suite=suites)
+    if args.description:
+        meta["description"] = args.description.read_text()
+    entry = zoo.publish(
+        source.theta,
+        source.config,
+        args.name,
+        version=args.version,
+        meta=meta,
+        attachments=attachments,
+        root=args.root,
+    )
+    print(f"published {entry.ref} to {entry.path}")
+
+
+if __name__ == "__main__":
+    main()
