@@ -149,7 +149,7 @@ def gemm_rate(lanes: int, static, rounds: int) -> float:
     fan_in, fan_out = static.image_size**2, (static.hidden or (10,))[0]
     a = torch.randn(lanes, static.batch_size, fan_in)
     b = torch.randn(lanes, fan_in, fan_out)
-    seconds = interleaved({"bmm": (lambda: torch.bmm(a, b), 3)}, 20 * rounds)["bmm"]
+    seconds = interleaved({"bmm": (lambda: torch.bmm(a, b), 3)}, 2 * rounds)["bmm"]
     return 2 * lanes * static.batch_size * fan_in * fan_out / seconds
 
 
@@ -202,7 +202,7 @@ def bench(task, family, static, arch, cfg, lanes: int, args) -> dict:
     update = fast.problem.lane_update
     prepared = update.prepare(theta_lanes, cfg)
 
-    slots, loop_slots = args.slots, max(1, args.slots // max(1, lanes // 4))
+    slots, loop_slots = args.slots, 1
     paths = {"lanes": (lambda: fast.run(theta_lanes, 1), slots)}
     if fused is not None:
         paths["fused (per-lane op)"] = (lambda: fused.run(theta_lanes, 1), slots)
@@ -272,8 +272,14 @@ def report(name: str, lanes: int, result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lanes", default="8,16,64", help="comma-separated lane counts (even)")
-    parser.add_argument("--slots", type=int, default=20, help="slots per path and round")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; best is kept")
+    parser.add_argument("--slots", type=int, default=2, help="slots per path and round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=40,
+        help="interleaved rounds, best kept (many short rounds: on a shared machine some of "
+        "them run undisturbed)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--task",
