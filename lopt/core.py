@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from .config import NUM_ELEMENT_FEATURES, TIME_SCALES, SmallFCConfig, TieBreak
+from .functional import apply_decoupled_step
 
 TensorState = dict[str, torch.Tensor]
 Decays = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -354,8 +355,7 @@ def update(
         step, new_tensors[name] = tensor_step(
             theta, p, grads[name], state["tensors"][name], t, cfg, decays
         )
-        decayed = p * (1 - lr * weight_decay) if weight_decay else p
-        new_params[name] = decayed - lr * step
+        new_params[name] = apply_decoupled_step(p, step, lr, weight_decay)
     return new_params, {"t": t + 1, "tensors": new_tensors}
 
 

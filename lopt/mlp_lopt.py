@@ -25,6 +25,7 @@ import torch
 from . import core
 from .architecture import Architecture, ConfigMixin, Theta, register_architecture
 from .config import TIME_SCALES
+from .functional import apply_decoupled_step
 from .shell import LearnedOptimizer
 from .theta import trunc_normal
 
@@ -166,8 +167,7 @@ def update(
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for name, p in params.items():
         step, tensors[name] = tensor_step(theta, p, grads[name], state["tensors"][name], t, cfg)
-        decayed = p * (1 - lr * weight_decay) if weight_decay else p
-        new_params[name] = decayed - lr * step
+        new_params[name] = apply_decoupled_step(p, step, lr, weight_decay)
     return new_params, {"t": t + 1, "tensors": tensors}
 
 

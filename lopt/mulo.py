@@ -23,6 +23,7 @@ import torch
 
 from . import core
 from .config import SmallFCConfig
+from .functional import apply_decoupled_step
 from .optimizer import SmallFCLOpt, WeightsSpec, small_fc_step
 
 Shape = Sequence[int]
@@ -92,8 +93,7 @@ def update(
             theta, p, grads[name], state["tensors"][name], t, cfg, decays
         )
         lr_w = lr / multipliers.get(name, 1.0)
-        decayed = p * (1 - lr_w * weight_decay) if weight_decay else p
-        new_params[name] = decayed - lr_w * step
+        new_params[name] = apply_decoupled_step(p, step, lr_w, weight_decay)
     return new_params, {"t": t + 1, "tensors": new_tensors}
 
 

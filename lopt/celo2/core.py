@@ -33,6 +33,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..functional import apply_decoupled_step
 from .config import Celo2Config
 
 TensorState = dict[str, torch.Tensor]
@@ -351,7 +352,8 @@ def update(
                 theta, p, grads[name], tensor_state, cfg
             )
             eta = lr
-        p32 = p.float()
-        decayed = p32 * (1 - eta * weight_decay)
-        new_params[name] = (decayed - (eta * cfg.step_mult) * direction).to(p.dtype)
+        new = apply_decoupled_step(
+            p.float(), direction, eta, weight_decay, step_size=eta * cfg.step_mult
+        )
+        new_params[name] = new.to(p.dtype)
     return new_params, {"t": t, "tensors": new_tensors}

@@ -22,6 +22,7 @@ import torch
 
 from .. import core as small_fc_core
 from ..config import NUM_FEATURES, SmallFCConfig, TieBreak
+from ..functional import apply_decoupled_step
 
 TensorState = dict[str, torch.Tensor]
 
@@ -149,5 +150,5 @@ def update(
         step, new_tensors[name] = small_fc_core.tensor_step(
             theta, p, grads[name], state["tensors"][name], t, sfc, decays
         )
-        new_params[name] = p * (1 - lr * weight_decay) - lr * step
+        new_params[name] = apply_decoupled_step(p, step, lr, weight_decay)
     return new_params, {"t": t + 1, "tensors": new_tensors}

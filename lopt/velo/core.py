@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .. import core as sfc
+from ..functional import apply_decoupled_step
 from .config import (
     NUM_LOSS_DECAYS,
     NUM_RANK_FEATURES,
@@ -508,6 +509,5 @@ def update(
         if name not in steps:
             new_params[name] = p
             continue
-        decayed = p * (1 - lr * weight_decay) if weight_decay else p
-        new_params[name] = decayed - lr * steps[name]
+        new_params[name] = apply_decoupled_step(p, steps[name], lr, weight_decay)
     return new_params, new_state

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..functional import apply_decoupled_step
 from ..kernels import ops as small_fc_ops
 from . import core
 
@@ -111,8 +112,7 @@ def velo_mlp_step_torch(
         features = core.element_features(shaped, acc, fd)
         pairs = [(layers[i], layers[i + 1]) for i in range(0, len(layers), 2)]
         step = core.mlp_step(shaped, features, pairs, lr_mult, step_mult, exp_mult)
-        new = shaped * (1 - lr * weight_decay) - lr * step if weight_decay else shaped - lr * step
-        shaped.copy_(new)
+        shaped.copy_(apply_decoupled_step(shaped, step, lr, weight_decay))
 
 
 def _fake(param, grad, m, v, r, c, row_factor, col_factor, vd, layers, d1, d0, lr_mult, lr,

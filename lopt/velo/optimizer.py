@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..functional import apply_decoupled_step
 from ..shell import LearnedOptimizer
 from ..weights import WeightsSpec
 from . import core, kernels
@@ -139,8 +140,7 @@ class VeLO(LearnedOptimizer):
             )  # fmt: skip
             for i, (p, _, group, state) in enumerate(work):
                 lr, wd = group["lr"], group["weight_decay"]
-                new = params[i] * (1 - lr * wd) - lr * steps[i] if wd else params[i] - lr * steps[i]
-                p.copy_(new)
+                p.copy_(apply_decoupled_step(params[i], steps[i], lr, wd))
                 state.update(new_state["tensors"][i])
                 state["step"] += 1
         else:
