@@ -60,6 +60,3 @@ def trunc_normal(out: torch.Tensor, std: float, generator: torch.Generator | Non
         sample[bad] = torch.randn(int(bad.sum()), generator=generator)
         bad = sample.abs() > 2.0
     return out.copy_(sample * std)
-
-
-_trunc_normal = trunc_normal  # the name other modules imported first
