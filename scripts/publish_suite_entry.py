@@ -16,35 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 import zoo
 from metatrain.evaluation.source import resolve_optimizer
-from metatrain.generalisation.write import _cfg, _ci, _pm
+from metatrain.generalisation.write import suite_card_metrics
 from metatrain.heldout import plot_curve, read_curve
-
-
-def suite_metrics(report: dict, label: str) -> dict[str, dict[str, str]]:
-    metrics: dict[str, dict[str, str]] = {}
-    for p in report["problems"]:
-        t, cmp = p["optimizer"], p["comparison"]
-        metrics[f"{label} {p['name']}"] = {
-            "best lr, schedule, wd": _cfg(t["best"]),
-            "final train loss": _pm(t["final"]["train_loss"]),
-            "test loss": _pm(t["final"]["test_loss"]),
-            "test accuracy": _pm(t["final"]["test_accuracy"]),
-            "AdamW final train loss": _pm(p["reference"]["final"]["train_loss"]),
-            "AdamW test loss": _pm(p["reference"]["final"]["test_loss"]),
-            "loss / AdamW (seed mean)": f"{np.mean(cmp['normalised_final_loss']):.3g}",
-            "speedup over AdamW (seed mean)": f"{np.mean(cmp['speedup']):.3g}",
-            "diverged seeds": f"{t['diverged_seeds']}/{t['seeds']}",
-        }
-    agg = report["aggregate"]
-    metrics[f"{label} IQM [95% CI]"] = {
-        "loss / AdamW (seed mean)": _ci(agg["normalised_final_loss"]),
-        "speedup over AdamW (seed mean)": _ci(agg["speedup"]),
-    }
-    return metrics
 
 
 def main() -> None:
@@ -82,7 +57,7 @@ def main() -> None:
         if sha is not None and sha != source.sha256:
             raise SystemExit(f"error: {suite_dir} evaluated other weights than {args.run_dir}")
         label = "suite" if i == 0 else f"suite{i + 1}"
-        metrics.update(suite_metrics(report, label))
+        metrics.update(suite_card_metrics(report, label, test_loss=True))
         suites.append(
             {
                 "label": label,

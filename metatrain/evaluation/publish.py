@@ -14,7 +14,7 @@ from typing import Any
 from .evaluate import EvalResult
 from .report import METRICS, dumps
 
-__all__ = ["ATTACHMENTS", "card_metrics", "publish_with_evaluation"]
+__all__ = ["ATTACHMENTS", "card_metrics", "publish_source", "publish_with_evaluation"]
 
 ATTACHMENTS = {"curves": "eval_curves.png", "speedup": "eval_speedup.png", "report": "eval.json"}
 _ADAM_ROW = "Adam (best LR per task)"
@@ -73,22 +73,40 @@ def publish_with_evaluation(result: EvalResult, name: str, *, root: Any = None):
         raise ValueError("the report does not belong to these meta-weights (sha256 differs)")
     attachments = {ATTACHMENTS[k]: result.files[k] for k in ATTACHMENTS}
     meta = {"metrics": card_metrics(report), "evaluation": _evaluation_meta(report)}
-    same_entry = source.kind == "zoo" and source.resolved.split(":")[0] == name
-    if same_entry:
-        entry = zoo.annotate(source.resolved, meta=meta, attachments=attachments, root=root)
-    else:
-        inherited = dict(source.provenance)
-        if source.kind == "zoo":
-            inherited["derived_from"] = {"ref": source.resolved, "theta_sha256": source.sha256}
-        entry = zoo.publish(
-            source.theta,
-            source.config,
-            name,
-            meta={**inherited, **meta},
-            attachments=attachments,
-            root=root,
-        )
+    entry = publish_source(source, name, meta, attachments, root=root)
     report["published"] = {"ref": entry.ref, "path": str(entry.path)}
     path = result.files["report"]
     path.write_text(dumps(report), encoding="utf-8")
     return entry
+
+
+def publish_source(
+    source: Any,
+    name: str,
+    meta: dict[str, Any],
+    attachments: dict[str, Any],
+    *,
+    root: Any = None,
+):
+    """Put evaluated weights (a resolved optimizer source) into the zoo as ``name``.
+
+    Weights that came from the zoo under the same name get ``meta`` and ``attachments`` as the
+    entry's next *patch* version (``zoo.annotate``: same weights); anything else is published as
+    a new version of ``name`` that inherits the source's provenance (and, for a zoo source, a
+    ``derived_from`` record). Returns the ``ZooEntry``.
+    """
+    import zoo
+
+    if source.kind == "zoo" and source.resolved.split(":")[0] == name:
+        return zoo.annotate(source.resolved, meta=meta, attachments=attachments, root=root)
+    inherited = dict(source.provenance)
+    if source.kind == "zoo":
+        inherited["derived_from"] = {"ref": source.resolved, "theta_sha256": source.sha256}
+    return zoo.publish(
+        source.theta,
+        source.config,
+        name,
+        meta={**inherited, **meta},
+        attachments=attachments,
+        root=root,
+    )

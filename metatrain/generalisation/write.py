@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 
 from lopt.files import atomic_write
+from metatrain.evaluation.publish import publish_source
 from metatrain.evaluation.report import dumps
 
 from .plots import plot_problem, plot_summary
-from .report import _cfg, _pm, markdown
+from .report import _cfg, _ci, _pm, markdown
 from .schema import validate_report
 
-__all__ = ["REPORT", "publish_suite", "write_outputs"]
+__all__ = ["REPORT", "publish_suite", "suite_card_metrics", "write_outputs"]
 
 REPORT, TABLE, SUMMARY = "suite.json", "table.md", "summary.png"
 
@@ -55,23 +56,7 @@ def publish_suite(result: Any, name: str, *, root: Any = None):
     if source is None:
         raise ValueError("--publish needs a learned optimizer")
     report = result.report
-    agg = report["aggregate"]
-    metrics: dict[str, dict[str, str]] = {}
-    for p in report["problems"]:
-        t, cmp = p["optimizer"], p["comparison"]
-        metrics[f"suite {p['name']}"] = {
-            "best lr, schedule, wd": _cfg(t["best"]),
-            "final train loss": _pm(t["final"]["train_loss"]),
-            "test accuracy": _pm(t["final"]["test_accuracy"]),
-            "AdamW final train loss": _pm(p["reference"]["final"]["train_loss"]),
-            "loss / AdamW (seed mean)": f"{np.mean(cmp['normalised_final_loss']):.3g}",
-            "speedup over AdamW (seed mean)": f"{np.mean(cmp['speedup']):.3g}",
-            "diverged seeds": f"{t['diverged_seeds']}/{t['seeds']}",
-        }
-    metrics["suite IQM [95% CI]"] = {
-        "loss / AdamW (seed mean)": _ci(agg["normalised_final_loss"]),
-        "speedup over AdamW (seed mean)": _ci(agg["speedup"]),
-    }
+    metrics = suite_card_metrics(report)
     meta = {
         "metrics": metrics,
         "generalisation_suite": {
@@ -91,25 +76,37 @@ def publish_suite(result: Any, name: str, *, root: Any = None):
     for key, path in result.files.items():
         if key.startswith("curves_"):
             attachments[f"suite_{key}.png"] = path
-    if source.kind == "zoo" and source.resolved.split(":")[0] == name:
-        entry = zoo.annotate(source.resolved, meta=meta, attachments=attachments, root=root)
-    else:
-        inherited = dict(source.provenance)
-        if source.kind == "zoo":
-            inherited["derived_from"] = {"ref": source.resolved, "theta_sha256": source.sha256}
-        entry = zoo.publish(
-            source.theta,
-            source.config,
-            name,
-            meta={**inherited, **meta},
-            attachments=attachments,
-            root=root,
-        )
+    entry = publish_source(source, name, meta, attachments, root=root)
     report["published"] = {"ref": entry.ref, "path": str(entry.path)}
     result.files["report"].write_text(dumps(report), encoding="utf-8")
     return entry
 
 
-def _ci(a: dict[str, Any]) -> str:
-    lo, hi = a["ci95"]
-    return f"{a['iqm']:.3g} [{lo:.3g}, {hi:.3g}]"
+def suite_card_metrics(
+    report: dict[str, Any], label: str = "suite", *, test_loss: bool = False
+) -> dict[str, dict[str, str]]:
+    """A suite report as zoo-card table rows: one per problem and the IQM row, ``label`` first.
+
+    ``test_loss`` adds the learned optimizer's and AdamW's final test loss to each problem row.
+    """
+    metrics: dict[str, dict[str, str]] = {}
+    for p in report["problems"]:
+        t, cmp, ref = p["optimizer"], p["comparison"], p["reference"]["final"]
+        row = {
+            "best lr, schedule, wd": _cfg(t["best"]),
+            "final train loss": _pm(t["final"]["train_loss"]),
+            "test loss": _pm(t["final"]["test_loss"]) if test_loss else None,
+            "test accuracy": _pm(t["final"]["test_accuracy"]),
+            "AdamW final train loss": _pm(ref["train_loss"]),
+            "AdamW test loss": _pm(ref["test_loss"]) if test_loss else None,
+            "loss / AdamW (seed mean)": f"{np.mean(cmp['normalised_final_loss']):.3g}",
+            "speedup over AdamW (seed mean)": f"{np.mean(cmp['speedup']):.3g}",
+            "diverged seeds": f"{t['diverged_seeds']}/{t['seeds']}",
+        }
+        metrics[f"{label} {p['name']}"] = {k: v for k, v in row.items() if v is not None}
+    agg = report["aggregate"]
+    metrics[f"{label} IQM [95% CI]"] = {
+        "loss / AdamW (seed mean)": _ci(agg["normalised_final_loss"]),
+        "speedup over AdamW (seed mean)": _ci(agg["speedup"]),
+    }
+    return metrics
