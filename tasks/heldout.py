@@ -44,7 +44,7 @@ from torch import Tensor
 from tasks.base import StaticCfg, Task
 from tasks.classification import ImageClassificationTask, sample_classification_lane
 from tasks.conv import ConvConfig, ConvTask
-from tasks.datasets import _splitmix64, load_raw
+from tasks.datasets import hashed_class_split, load_raw
 from tasks.image_mlp import ImageMLPConfig, ImageMLPTask, mlp_shapes
 from tasks.streams import BatchStream
 from tasks.text import CharTransformerConfig, CharTransformerTask
@@ -88,13 +88,8 @@ def load_digits_split(split: str) -> tuple[Tensor, Tensor]:
             data = load_digits()
             pixels = np.asarray(data.data, dtype=np.float32) / 16.0
             labels = np.asarray(data.target, dtype=np.int64)
-            order = np.argsort(_splitmix64(np.arange(len(labels))), kind="stable")
-            in_train = np.zeros(len(labels), dtype=bool)
-            for c in range(DIGITS_CLASSES):
-                members = order[labels[order] == c]
-                in_train[members[: round(len(members) * DIGITS_TRAIN_FRACTION)]] = True
-            for name, mask in (("train", in_train), ("test", ~in_train)):
-                idx = order[mask[order]]
+            splits = hashed_class_split(labels, DIGITS_CLASSES, DIGITS_TRAIN_FRACTION)
+            for name, idx in zip(("train", "test"), splits, strict=True):
                 _DIGITS[name] = (torch.from_numpy(pixels[idx]), torch.from_numpy(labels[idx]))
         return _DIGITS[split]
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tasks.base import Batch, LaneCfg, Params, StaticCfg, Task, trunc_normal
-from tasks.datasets import _splitmix64
+from tasks.datasets import splitmix64
 from tasks.streams import BatchStream
 
 __all__ = [
@@ -135,7 +135,7 @@ def load_corpus(corpus_dir: str | os.PathLike[str] | None = None) -> TextCorpus:
             entries += [e.strip(b"\n") for e in data.split(b"\n%\n") if e.strip(b"\n%")]
         if len(entries) < TEST_EVERY:
             raise _missing(directory, f"holds only {len(entries)} entries")
-        is_test = _splitmix64(np.arange(len(entries))) % np.uint64(TEST_EVERY) == 0
+        is_test = splitmix64(np.arange(len(entries))) % np.uint64(TEST_EVERY) == 0
         train = SEPARATOR.join(e for e, t in zip(entries, is_test) if not t)
         test = SEPARATOR.join(e for e, t in zip(entries, is_test) if t)
         corpus = TextCorpus(

@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_PANELS", "plot_curves", "plot_speedup"]
+__all__ = ["MAX_PANELS", "new_figure", "plot_curves", "plot_speedup", "save_figure"]
 
 MAX_PANELS = 16
 _LEARNED, _ADAM = "tab:blue", "tab:orange"
 
 
-def _figure(**kwargs: Any):
+def new_figure(**kwargs: Any):
+    """A bare matplotlib ``Figure`` (Agg, off pyplot), for every lozoo report plot."""
     # A bare Figure renders with Agg and never touches pyplot's global backend or figure list,
     # so the same code is safe in a CLI, a server and a notebook with an inline backend.
     from matplotlib.figure import Figure
@@ -52,7 +53,7 @@ def plot_curves(report: Mapping[str, Any], path: str | Path, dpi: int = 100) -> 
     shown = report["tasks"][:MAX_PANELS]
     ncols = min(4, len(shown))
     nrows = math.ceil(len(shown) / ncols)
-    fig = _figure(figsize=(4.0 * ncols, 3.2 * nrows + 0.6))
+    fig = new_figure(figsize=(4.0 * ncols, 3.2 * nrows + 0.6))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax, task in zip(axes.flat, shown):
         c = task["curves"]
@@ -75,12 +76,12 @@ def plot_curves(report: Mapping[str, Any], path: str | Path, dpi: int = 100) -> 
     more = len(report["tasks"]) - len(shown)
     fig.suptitle(_title(report) + (f" (first {len(shown)}; {more} more)" if more else ""))
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def plot_speedup(report: Mapping[str, Any], path: str | Path, dpi: int = 100) -> Path:
     """Adam steps needed vs learned step (left) and their ratio, the speedup (right)."""
-    fig = _figure(figsize=(11, 4.2))
+    fig = new_figure(figsize=(11, 4.2))
     ax, right = fig.subplots(1, 2)
     steps = np.asarray(report["tasks"][0]["curves"]["steps"], dtype=np.float64)
     needed = np.stack([_arr(t["curves"]["speedup_adam_steps"]) for t in report["tasks"]])
@@ -109,7 +110,7 @@ def plot_speedup(report: Mapping[str, Any], path: str | Path, dpi: int = 100) ->
         a.grid(True, alpha=0.3)
     fig.suptitle(_title(report), fontsize=10)
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def _scale(ax, c: Mapping[str, Any]) -> None:
@@ -125,7 +126,8 @@ def _scale(ax, c: Mapping[str, Any]) -> None:
         ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _save(fig, path: str | Path, dpi: int) -> Path:
+def save_figure(fig, path: str | Path, dpi: int) -> Path:
+    """Write ``fig`` as PNG to ``path`` (parents created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from metatrain.evaluation.plots import _figure, _save
+from metatrain.evaluation.plots import new_figure, save_figure
 
 __all__ = ["plot_problem", "plot_summary"]
 
@@ -29,7 +29,7 @@ def _arr(values) -> np.ndarray:
 def plot_problem(report: Mapping[str, Any], problem: Mapping[str, Any], path: str | Path) -> Path:
     cfg = report["config"]
     name, ref = cfg["optimizer_spec"]["name"], cfg["reference_spec"]["name"]
-    fig = _figure(figsize=(6.4, 4.2))
+    fig = new_figure(figsize=(6.4, 4.2))
     ax = fig.subplots()
     whos = [("reference", ref, _REF)] + ([("optimizer", name, _OPT)] if name != ref else [])
     values = []
@@ -63,7 +63,7 @@ def plot_problem(report: Mapping[str, Any], problem: Mapping[str, Any], path: st
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path, 100)
+    return save_figure(fig, path, 100)
 
 
 def plot_summary(report: Mapping[str, Any], path: str | Path) -> Path:
@@ -75,7 +75,7 @@ def plot_summary(report: Mapping[str, Any], path: str | Path) -> Path:
         ("speedup", "speedup over tuned AdamW\n(higher is better)", 1.0),
     ]
     has_ablation = "ablation" in agg
-    fig = _figure(figsize=(5.0 * (len(panels) + has_ablation), 4.4))
+    fig = new_figure(figsize=(5.0 * (len(panels) + has_ablation), 4.4))
     axes = fig.subplots(1, len(panels) + has_ablation, squeeze=False)[0]
     for ax, (key, label, ideal) in zip(axes, panels):
         for j, p in enumerate(report["problems"]):
@@ -126,4 +126,4 @@ def plot_summary(report: Mapping[str, Any], path: str | Path) -> Path:
     ref = cfg["optimizer_spec"]["name"]
     fig.suptitle(f"{ref[:48]} on the generalisation suite ({cfg['seeds']} seeds)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, path, 100)
+    return save_figure(fig, path, 100)
