@@ -77,10 +77,12 @@ class ConfigMixin:
 
     Subclasses set ``architecture`` and implement ``theta_shapes``. Tuples become JSON lists and
     come back as tuples for fields whose annotation is a tuple; unknown keys are refused with the
-    list of valid ones.
+    list of valid ones (the message names the config by ``config_label``, default the
+    architecture name).
     """
 
     architecture: ClassVar[str] = ""
+    config_label: ClassVar[str] = ""
 
     def theta_shapes(self) -> dict[str, tuple[int, ...]]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -95,14 +97,12 @@ class ConfigMixin:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
         if not isinstance(data, Mapping):
-            raise TypeError(
-                f"a {cls.architecture} config must be a mapping, got {type(data).__name__}"
-            )
+            raise TypeError(f"a {cls._label()} config must be a mapping, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ValueError(
-                f"unknown {cls.architecture} config keys {unknown}; valid keys: {sorted(fields)}"
+                f"unknown {cls._label()} config keys {unknown}; valid keys: {sorted(fields)}"
             )
         kwargs = {}
         for key, value in data.items():
@@ -118,6 +118,10 @@ class ConfigMixin:
     @classmethod
     def from_json(cls, text: str):
         return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def _label(cls) -> str:
+        return cls.config_label or cls.architecture
 
 
 def _jsonable(value: Any) -> Any:

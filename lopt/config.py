@@ -7,11 +7,11 @@ plain ``dict[str, Tensor]`` whose keys and shapes :meth:`SmallFCConfig.theta_sha
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
+
+from .architecture import ConfigMixin
 
 TieBreak = Literal["first", "last"]
 
@@ -24,7 +24,7 @@ DECAY_KEYS = ("momentum_decays", "rms_decays", "adafactor_decays")
 
 
 @dataclass(frozen=True)
-class SmallFCConfig:
+class SmallFCConfig(ConfigMixin):
     """Architecture of a small_fc_lopt optimizer.
 
     ``hidden_layers`` counts hidden layers the way the reference does (``[h] * hidden_layers +
@@ -102,36 +102,6 @@ class SmallFCConfig:
     def num_params(self) -> int:
         """Size of θ: 197 for h = 4 and 2,409 for h = 32 (design §3)."""
         return sum(math.prod(s) for s in self.theta_shapes().values())
-
-    # -- serialisation --------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k, v in list(d.items()):
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        d["init_decay_offsets"] = {k: list(v) for k, v in self.init_decay_offsets.items()}
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SmallFCConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown small_fc_lopt config keys {unknown}; valid keys: {sorted(known)}"
-            )
-        kwargs = dict(data)
-        for k in ("initial_momentum_decays", "initial_rms_decays", "initial_adafactor_decays"):
-            if k in kwargs:
-                kwargs[k] = tuple(kwargs[k])
-        return cls(**kwargs)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> SmallFCConfig:
-        return cls.from_dict(json.loads(text))
 
 
 ORIGINAL = SmallFCConfig()

@@ -10,12 +10,12 @@ which are the fields below. θ is a plain ``dict[str, Tensor]`` with the keys an
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
+
+from ..architecture import ConfigMixin
 
 Layout = Literal["torch", "as_stored"]
 AdamForm = Literal["meta", "adamw"]
@@ -29,7 +29,7 @@ NUM_OUTPUTS = 3  # direction, magnitude (dead: exp_mult = 0), unused
 
 
 @dataclass(frozen=True)
-class Celo2Config:
+class Celo2Config(ConfigMixin):
     """Everything about a Celo2-family optimizer that is not meta-learned.
 
     Fields:
@@ -56,6 +56,7 @@ class Celo2Config:
     """
 
     architecture: ClassVar[str] = "celo2"
+    config_label: ClassVar[str] = "Celo2"
 
     orthogonalize: bool = True
     adam_for_1d: bool = True
@@ -129,30 +130,6 @@ class Celo2Config:
     def num_params(self) -> int:
         """Size of θ: 347."""
         return sum(math.prod(s) for s in self.theta_shapes().values())
-
-    # -- serialisation ----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["adam_betas"] = list(self.adam_betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Celo2Config:
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"unknown Celo2 config keys {unknown}; valid keys: {sorted(known)}")
-        kwargs = dict(data)
-        if "adam_betas" in kwargs:
-            kwargs["adam_betas"] = tuple(kwargs["adam_betas"])
-        return cls(**kwargs)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Celo2Config:
-        return cls.from_dict(json.loads(text))
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,15 @@ Step: ``p ← p·(1 − lr·wd) − lr·step_mult·d·exp(exp_mult·m)``; ``lr =
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from .. import core as small_fc_core
+from ..architecture import ConfigMixin
 from ..config import NUM_FEATURES, SmallFCConfig, TieBreak
 from ..functional import apply_decoupled_step
 
@@ -28,11 +27,12 @@ TensorState = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class EloConfig:
+class EloConfig(ConfigMixin):
     """ELO's fixed configuration. ``tie_break`` as in small_fc_lopt ("first": the reference
     rule on PyTorch-layout tensors; "last": the rule on the tensor as stored, like PyLO)."""
 
     architecture: ClassVar[str] = "elo"
+    config_label: ClassVar[str] = "ELO"
 
     hidden_size: int = 32
     step_mult: float = 1e-3
@@ -68,11 +68,6 @@ class EloConfig:
         return {"w0": (NUM_FEATURES, h), "b0": (h,), "w1": (h, h), "b1": (h,), "w2": (h, 2),
                 "b2": (2,)}  # fmt: skip
 
-    @property
-    def num_params(self) -> int:
-        """Size of θ: 2,402 for h = 32."""
-        return sum(math.prod(s) for s in self.theta_shapes().values())
-
     def small_fc_config(self) -> SmallFCConfig:
         """The small_fc_lopt configuration whose per-tensor math ELO runs."""
         return SmallFCConfig(
@@ -92,26 +87,6 @@ class EloConfig:
             torch.tensor(d, dtype=torch.float32, device=like.device)
             for d in (self.momentum_decays, self.rms_decays, self.adafactor_decays)
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EloConfig:
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"unknown ELO config keys {unknown}; valid keys: {sorted(known)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**kwargs)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> EloConfig:
-        return cls.from_dict(json.loads(text))
 
 
 ELO = EloConfig()

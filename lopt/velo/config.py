@@ -9,11 +9,11 @@ and shapes :meth:`VeLOConfig.theta_shapes` lists (weights in ``(in, out)`` layou
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
+
+from ..architecture import ConfigMixin
 
 VeLOTieBreak = Literal["first", "pylo"]
 
@@ -30,7 +30,7 @@ MLP_OUTPUTS = 3  # direction, log-magnitude, one unused head
 
 
 @dataclass(frozen=True)
-class VeLOConfig:
+class VeLOConfig(ConfigMixin):
     """Architecture of a VeLO optimizer (Metz et al. 2022, arXiv 2211.09760).
 
     ``mlp_hidden_layers`` counts hidden layers (widths ``[mlp_hidden_size] * mlp_hidden_layers
@@ -42,6 +42,7 @@ class VeLOConfig:
     """
 
     architecture: ClassVar[str] = "velo"
+    config_label: ClassVar[str] = "VeLO"
 
     lstm_hidden_size: int = 512
     param_inits: int = 256
@@ -99,35 +100,7 @@ class VeLOConfig:
             shapes[f"bank_b{i}"] = (k, fan_out)
         return shapes
 
-    @property
-    def num_params(self) -> int:
-        """Size of θ: 2,304,513 for the published VeLO (PyLO's unused mix_layer1 is left out)."""
-        return sum(math.prod(s) for s in self.theta_shapes().values())
-
     # -- serialisation --------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VeLOConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VeLO config keys {unknown}; valid keys: {sorted(known)}")
-        kwargs = dict(data)
-        for key in ("momentum_decays", "rms_decays", "adafactor_decays"):
-            if key in kwargs:
-                kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> VeLOConfig:
-        return cls.from_dict(json.loads(text))
 
 
 VELO = VeLOConfig()
