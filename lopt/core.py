@@ -82,8 +82,15 @@ def effective_decays(theta: Mapping[str, torch.Tensor], cfg: SmallFCConfig) -> D
 def state_shapes(shape: tuple[int, ...] | torch.Size, cfg: SmallFCConfig) -> dict:
     """Shapes of the per-tensor state entries for a parameter of ``shape``."""
     shape = tuple(int(s) for s in shape) or (1,)
+    return accumulator_shapes(shape, factored_dims(shape, cfg.tie_break))
+
+
+def accumulator_shapes(shape: tuple[int, ...], fd: tuple[int, int] | None) -> dict:
+    """Shapes of ``m`` and ``v`` and of ``r``/``c`` (factored axes ``fd``) or ``vd`` (``None``).
+
+    The three-decay accumulators small_fc_lopt and VeLO share; ``shape`` is already at least 1-D.
+    """
     out = {"m": shape + (3,), "v": shape + (1,)}
-    fd = factored_dims(shape, cfg.tie_break)
     if fd is None:
         out["vd"] = shape + (3,)
     else:

@@ -98,14 +98,7 @@ def _shape(param: torch.Tensor | torch.Size | tuple) -> tuple[int, ...]:
 def state_shapes(shape, cfg: VeLOConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of the per-tensor state entries for a parameter of ``shape``."""
     shape = _shape(shape)
-    out = {"m": shape + (3,), "v": shape + (1,)}
-    fd = factored_dims(shape, cfg.tie_break)
-    if fd is None:
-        out["vd"] = shape + (3,)
-    else:
-        d1, d0 = fd
-        out["r"] = tuple(s for a, s in enumerate(shape) if a != d0) + (3,)
-        out["c"] = tuple(s for a, s in enumerate(shape) if a != d1) + (3,)
+    out = sfc.accumulator_shapes(shape, factored_dims(shape, cfg.tie_break))
     out["lstm_h"] = (cfg.lstm_hidden_size,)
     out["lstm_c"] = (cfg.lstm_hidden_size,)
     out["updates"] = ()
