@@ -54,12 +54,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "torch":
         return "torch"
     if backend in ("cpp", "cuda"):
-        want = "cpu" if backend == "cpp" else "cuda"
-        if device.type != want:
-            raise RuntimeError(
-                f"backend={backend!r} steps {want} tensors only, got a parameter on {device}; "
-                "use backend='auto' to pick a kernel per device"
-            )
+        from ..kernels.dispatch import check_backend_device
+
+        check_backend_device(backend, device)
+        want = device.type
         if not op_is_available(want):
             raise RuntimeError(
                 f"backend={backend!r} is unavailable: {unavailable_reason(want)}; run "

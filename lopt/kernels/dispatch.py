@@ -49,6 +49,16 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def check_backend_device(backend: str, device: torch.device) -> None:
+    """An explicit ``backend="cpp"``/``"cuda"`` steps tensors of its own device type only."""
+    want = "cpu" if backend == "cpp" else "cuda"
+    if device.type != want:
+        raise RuntimeError(
+            f"backend={backend!r} steps {want} tensors only, got a parameter on {device}; "
+            "use backend='auto' to pick a kernel per device"
+        )
+
+
 def _fallback(device_type: str, reason: str) -> StepFn:
     if device_type not in _warned:
         _warned.add(device_type)
@@ -66,12 +76,7 @@ def step_function(backend: str, device: torch.device) -> StepFn:
     if backend == "torch":
         return torch_backend.small_fc_step_
     if backend in ("cpp", "cuda"):
-        want = "cpu" if backend == "cpp" else "cuda"
-        if device.type != want:
-            raise RuntimeError(
-                f"backend={backend!r} steps {want} tensors only, got a parameter on {device}; "
-                "use backend='auto' to pick a kernel per device"
-            )
+        check_backend_device(backend, device)
         return ops.step_op()
     if device.type == "cpu":
         result = ops.load_cpp()
