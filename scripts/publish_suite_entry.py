@@ -68,7 +68,7 @@ def main() -> None:
             }
         )
         attachments[f"{label}.json"] = suite_dir / "suite.json"
-        for extra in ("suite_table.md", "summary.png"):
+        for extra in ("table.md", "summary.png"):
             if (suite_dir / extra).is_file():
                 attachments[f"{label}_{extra}"] = suite_dir / extra
         for png_path in sorted(suite_dir.glob("curves_*.png")):
