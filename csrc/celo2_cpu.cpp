@@ -204,16 +204,6 @@ void directions(const Slice& s, const Mlp& net, int64_t i0, int64_t i1, float* o
   return directions_rows_j(s, net, i0, i1, out);
 }
 
-void check_f32(const at::Tensor& t, const char* name, std::vector<int64_t> shape) {
-  TORCH_CHECK(t.device().is_cpu(), "celo2_direction: ", name, " must be on the CPU, got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "celo2_direction: ", name,
-              " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "celo2_direction: ", name, " must be contiguous");
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "celo2_direction: ", name, " has shape ",
-              t.sizes(), ", expected ", at::IntArrayRef(shape));
-}
-
 }  // namespace
 
 // grad, param (L, R, C); m (L, R, C, 3); v (L, R, C); row_stats (L, 9, KR) and col_stats
@@ -226,30 +216,10 @@ at::Tensor celo2_direction_cpu(const at::Tensor& grad, const at::Tensor& param,
                                const std::optional<at::Tensor>& v_diag, const at::Tensor& w0,
                                const at::Tensor& b0, const at::Tensor& w1, const at::Tensor& b1,
                                const at::Tensor& w2, const at::Tensor& b2, bool row_by_i) {
-  TORCH_CHECK(param.dim() == 3, "celo2_direction: param must be viewed as (L, R, C), got rank ",
-              param.dim());
+  const bool factored = check_direction_args(grad, param, m, v, row_stats, col_stats, v_diag, w0,
+                                             b0, w1, b1, w2, b2, row_by_i, /*cuda=*/false);
   const int64_t L = param.size(0), R = param.size(1), C = param.size(2);
-  check_f32(param, "param", {L, R, C});
-  check_f32(grad, "grad", {L, R, C});
-  check_f32(m, "m", {L, R, C, 3});
-  check_f32(v, "v", {L, R, C});
-  const bool factored = row_stats.has_value();
-  TORCH_CHECK(factored == col_stats.has_value() && factored != v_diag.has_value(),
-              "celo2_direction: pass row_stats and col_stats (rank >= 2) or v_diag (rank <= 1)");
-  if (factored) {
-    check_f32(*row_stats, "row_stats", {L, kStatWidth, row_by_i ? R : C});
-    check_f32(*col_stats, "col_stats", {L, kStatWidth, row_by_i ? C : R});
-  } else {
-    TORCH_CHECK(L == 1 && R == 1, "celo2_direction: v_diag needs param viewed as (1, 1, N)");
-    check_f32(*v_diag, "v_diag", {L, R, C, 3});
-  }
   const int channels = factored ? kChannels : kChannels1d;
-  check_f32(w0, "w0", {kChannels, kHidden});
-  check_f32(b0, "b0", {kHidden});
-  check_f32(w1, "w1", {kHidden, kHidden});
-  check_f32(b1, "b1", {kHidden});
-  check_f32(w2, "w2", {kHidden, 3});
-  check_f32(b2, "b2", {3});
   at::Tensor out = at::empty({L, R, C}, param.options());
   if (L * R * C == 0) return out;
 

@@ -91,16 +91,6 @@ __global__ void direction_kernel(View s, int channels, const float* w0s, const f
   out[e] = mlp_direction(x, channels, w0s + l * kChannels * kHidden, b0, w1, b1, w2c, b2[0]);
 }
 
-void check_cuda_f32(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.is_cuda(), "celo2_direction: ", name, " must be on a CUDA device, got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "celo2_direction: ", name,
-              " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "celo2_direction: ", name, " must be contiguous");
-  TORCH_CHECK(t.sizes() == shape, "celo2_direction: ", name, " has shape ", t.sizes(),
-              ", expected ", shape);
-}
-
 at::Tensor celo2_direction_cuda(const at::Tensor& grad, const at::Tensor& param,
                                 const at::Tensor& m, const at::Tensor& v,
                                 const std::optional<at::Tensor>& row_stats,
@@ -108,30 +98,10 @@ at::Tensor celo2_direction_cuda(const at::Tensor& grad, const at::Tensor& param,
                                 const std::optional<at::Tensor>& v_diag, const at::Tensor& w0,
                                 const at::Tensor& b0, const at::Tensor& w1, const at::Tensor& b1,
                                 const at::Tensor& w2, const at::Tensor& b2, bool row_by_i) {
-  TORCH_CHECK(param.dim() == 3, "celo2_direction: param must be viewed as (L, R, C), got rank ",
-              param.dim());
+  const bool factored = check_direction_args(grad, param, m, v, row_stats, col_stats, v_diag, w0,
+                                             b0, w1, b1, w2, b2, row_by_i, /*cuda=*/true);
   const int64_t L = param.size(0), R = param.size(1), C = param.size(2);
-  check_cuda_f32(param, "param", {L, R, C});
-  check_cuda_f32(grad, "grad", {L, R, C});
-  check_cuda_f32(m, "m", {L, R, C, 3});
-  check_cuda_f32(v, "v", {L, R, C});
-  const bool factored = row_stats.has_value();
-  TORCH_CHECK(factored == col_stats.has_value() && factored != v_diag.has_value(),
-              "celo2_direction: pass row_stats and col_stats (rank >= 2) or v_diag (rank <= 1)");
   const int64_t kr = row_by_i ? R : C, kc = row_by_i ? C : R;
-  if (factored) {
-    check_cuda_f32(*row_stats, "row_stats", {L, kStatWidth, kr});
-    check_cuda_f32(*col_stats, "col_stats", {L, kStatWidth, kc});
-  } else {
-    TORCH_CHECK(L == 1 && R == 1, "celo2_direction: v_diag needs param viewed as (1, 1, N)");
-    check_cuda_f32(*v_diag, "v_diag", {L, R, C, 3});
-  }
-  check_cuda_f32(w0, "w0", {kChannels, kHidden});
-  check_cuda_f32(b0, "b0", {kHidden});
-  check_cuda_f32(w1, "w1", {kHidden, kHidden});
-  check_cuda_f32(b1, "b1", {kHidden});
-  check_cuda_f32(w2, "w2", {kHidden, 3});
-  check_cuda_f32(b2, "b2", {3});
   const c10::cuda::CUDAGuard guard(param.device());
   at::Tensor out = at::empty({L, R, C}, param.options());
   const int64_t n = L * R * C;

@@ -3,6 +3,10 @@
 // (design: docs/design/celo2.md). Everything is float32.
 #pragma once
 
+#include <ATen/ATen.h>
+
+#include <optional>
+
 #if defined(__CUDACC__)
 #define LOZOO_C2_HD __host__ __device__ __forceinline__
 #else
@@ -96,6 +100,60 @@ LOZOO_C2_HD float mlp_direction(const float* x, int channels, const float* w0, c
     out += (h2 > 0.0f ? h2 : 0.0f) * w2c[o];
   }
   return out;
+}
+
+// -- argument checks of celo2_direction (host code; the same on both devices) ------------------
+
+inline void check_direction_tensor(const at::Tensor& t, const char* name, at::IntArrayRef shape,
+                                   bool cuda) {
+  if (cuda) {
+    TORCH_CHECK(t.is_cuda(), "celo2_direction: ", name, " must be on a CUDA device, got ",
+                t.device());
+  } else {
+    TORCH_CHECK(t.device().is_cpu(), "celo2_direction: ", name, " must be on the CPU, got ",
+                t.device());
+  }
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "celo2_direction: ", name,
+              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "celo2_direction: ", name, " must be contiguous");
+  TORCH_CHECK(t.sizes() == shape, "celo2_direction: ", name, " has shape ", t.sizes(),
+              ", expected ", shape);
+}
+
+// Every argument on the kernel's device (CUDA or CPU), float32, contiguous and of the shape the
+// (L, R, C) view of param implies. Returns whether the statistics are factored (rank >= 2).
+inline bool check_direction_args(const at::Tensor& grad, const at::Tensor& param,
+                                 const at::Tensor& m, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& row_stats,
+                                 const std::optional<at::Tensor>& col_stats,
+                                 const std::optional<at::Tensor>& v_diag, const at::Tensor& w0,
+                                 const at::Tensor& b0, const at::Tensor& w1,
+                                 const at::Tensor& b1, const at::Tensor& w2,
+                                 const at::Tensor& b2, bool row_by_i, bool cuda) {
+  TORCH_CHECK(param.dim() == 3, "celo2_direction: param must be viewed as (L, R, C), got rank ",
+              param.dim());
+  const int64_t L = param.size(0), R = param.size(1), C = param.size(2);
+  check_direction_tensor(param, "param", {L, R, C}, cuda);
+  check_direction_tensor(grad, "grad", {L, R, C}, cuda);
+  check_direction_tensor(m, "m", {L, R, C, 3}, cuda);
+  check_direction_tensor(v, "v", {L, R, C}, cuda);
+  const bool factored = row_stats.has_value();
+  TORCH_CHECK(factored == col_stats.has_value() && factored != v_diag.has_value(),
+              "celo2_direction: pass row_stats and col_stats (rank >= 2) or v_diag (rank <= 1)");
+  if (factored) {
+    check_direction_tensor(*row_stats, "row_stats", {L, kStatWidth, row_by_i ? R : C}, cuda);
+    check_direction_tensor(*col_stats, "col_stats", {L, kStatWidth, row_by_i ? C : R}, cuda);
+  } else {
+    TORCH_CHECK(L == 1 && R == 1, "celo2_direction: v_diag needs param viewed as (1, 1, N)");
+    check_direction_tensor(*v_diag, "v_diag", {L, R, C, 3}, cuda);
+  }
+  check_direction_tensor(w0, "w0", {kChannels, kHidden}, cuda);
+  check_direction_tensor(b0, "b0", {kHidden}, cuda);
+  check_direction_tensor(w1, "w1", {kHidden, kHidden}, cuda);
+  check_direction_tensor(b1, "b1", {kHidden}, cuda);
+  check_direction_tensor(w2, "w2", {kHidden, 3}, cuda);
+  check_direction_tensor(b2, "b2", {3}, cuda);
+  return factored;
 }
 
 }  // namespace lozoo::celo2

@@ -37,6 +37,20 @@ inline std::string shape_str(at::IntArrayRef s) {
   return out.str();
 }
 
+// Shapes of the per-element state: ``shape + [last]`` and, for the factored r/c accumulators,
+// ``shape`` without ``axis`` + [3] (shared with velo_math.h).
+inline std::vector<int64_t> with_last(std::vector<int64_t> shape, int64_t last) {
+  shape.push_back(last);
+  return shape;
+}
+
+inline std::vector<int64_t> without_axis(const std::vector<int64_t>& shape, int64_t axis) {
+  std::vector<int64_t> out;
+  for (int64_t i = 0; i < static_cast<int64_t>(shape.size()); ++i)
+    if (i != axis) out.push_back(shape[i]);
+  return with_last(out, 3);
+}
+
 #define LOZOO_CHECK(cond, ...) TORCH_CHECK(cond, "lozoo::small_fc_step_: ", __VA_ARGS__)
 
 inline void check_state(const at::Tensor& t, const char* name, const std::vector<int64_t>& want,
@@ -72,31 +86,21 @@ inline Geometry check_step_args(const at::Tensor& param, const at::Tensor& grad,
   std::vector<int64_t> shape = param.sizes().vec();
   if (shape.empty()) shape = {1};  // docs/design/small_fc_lopt.md §4.3: a scalar is stepped as one element of rank 1
   const int64_t rank = static_cast<int64_t>(shape.size());
-  auto plus3 = [](std::vector<int64_t> s, int64_t last) {
-    s.push_back(last);
-    return s;
-  };
-  auto without = [&](int64_t axis) {
-    std::vector<int64_t> s;
-    for (int64_t i = 0; i < rank; ++i)
-      if (i != axis) s.push_back(shape[i]);
-    return plus3(s, 3);
-  };
-  check_state(m, "m", plus3(shape, 3), param);
-  check_state(v, "v", plus3(shape, 1), param);
+  check_state(m, "m", with_last(shape, 3), param);
+  check_state(v, "v", with_last(shape, 1), param);
   if (rank >= 2) {
     LOZOO_CHECK(d0 >= 0 && d1 >= 0 && d0 < rank && d1 < rank && d0 != d1, "(d1, d0) = (", d1,
                 ", ", d0, ") are not two distinct axes of a rank-", rank, " param");
     LOZOO_CHECK(r.has_value() && c.has_value() && !vd.has_value(), "a rank-", rank,
                 " param needs the factored state r and c, and no vd");
-    check_state(*r, "r", without(d0), param);
-    check_state(*c, "c", without(d1), param);
+    check_state(*r, "r", without_axis(shape, d0), param);
+    check_state(*c, "c", without_axis(shape, d1), param);
   } else {
     LOZOO_CHECK(d0 == -1 && d1 == -1, "a rank-", param.dim(),
                 " param has no factored axes; pass d1 = d0 = -1, got (", d1, ", ", d0, ")");
     LOZOO_CHECK(vd.has_value() && !r.has_value() && !c.has_value(), "a rank-", param.dim(),
                 " param needs the non-factored state vd, and no r or c");
-    check_state(*vd, "vd", plus3(shape, 3), param);
+    check_state(*vd, "vd", with_last(shape, 3), param);
   }
   LOZOO_CHECK(decays.device() == param.device() && decays.scalar_type() == at::kFloat &&
                   decays.numel() == kNumDecays && decays.is_contiguous(),

@@ -178,32 +178,22 @@ inline Geometry check_args(const at::Tensor& param, const at::Tensor& grad, cons
   std::vector<int64_t> shape = param.sizes().vec();
   if (shape.empty()) shape = {1};
   const int64_t rank = static_cast<int64_t>(shape.size());
-  auto with = [](std::vector<int64_t> s, int64_t last) {
-    s.push_back(last);
-    return s;
-  };
-  auto without = [&](int64_t axis) {
-    std::vector<int64_t> s;
-    for (int64_t i = 0; i < rank; ++i)
-      if (i != axis) s.push_back(shape[i]);
-    return with(s, 3);
-  };
   check_f32(grad, "grad", param.sizes().vec(), param);
-  check_f32(m, "m", with(shape, 3), param);
-  check_f32(v, "v", with(shape, 1), param);
+  check_f32(m, "m", with_last(shape, 3), param);
+  check_f32(v, "v", with_last(shape, 1), param);
   if (rank >= 2) {
     VELO_CHECK(d0 >= 0 && d1 >= 0 && d0 < rank && d1 < rank && d0 != d1, "(d1, d0) = (", d1,
                ", ", d0, ") are not two distinct axes of a rank-", rank, " param");
     VELO_CHECK(r && c && rf && cf && !vd, "a rank-", rank,
                " param needs r, c, row_factor and col_factor, and no vd");
-    check_f32(*r, "r", without(d0), param);
-    check_f32(*c, "c", without(d1), param);
-    check_f32(*rf, "row_factor", without(d0), param);
-    check_f32(*cf, "col_factor", without(d1), param);
+    check_f32(*r, "r", without_axis(shape, d0), param);
+    check_f32(*c, "c", without_axis(shape, d1), param);
+    check_f32(*rf, "row_factor", without_axis(shape, d0), param);
+    check_f32(*cf, "col_factor", without_axis(shape, d1), param);
   } else {
     VELO_CHECK(d0 == -1 && d1 == -1 && vd && !r && !c && !rf && !cf, "a rank-", param.dim(),
                " param needs vd only, and d1 = d0 = -1");
-    check_f32(*vd, "vd", with(shape, 3), param);
+    check_f32(*vd, "vd", with_last(shape, 3), param);
   }
   const int64_t nl = static_cast<int64_t>(layers.size());
   VELO_CHECK(nl >= 4 && nl % 2 == 0, "layers must be [w0, b0, ..., wL, bL] with at least two "
