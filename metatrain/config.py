@@ -76,10 +76,12 @@ class MetaTrainConfig:
     # -- estimator --------------------------------------------------------------------------------
     estimator: str = _f("pes", "gradient estimator", choices=ESTIMATOR_NAMES)
     num_tasks: int = _f(8, "N perturbation pairs per estimator (2N lanes)")
-    num_estimators: int = _f(1, "estimators per worker, each with its own sampled task config")
+    num_estimators: int = _f(
+        2, "estimators per worker (per family of a mixture), each with its own sampled task config"
+    )
     sigma: float = _f(0.01, "perturbation std σ")
     shaping: str = _f("none", "loss shaping", choices=tuple(SHAPINGS))
-    truncation_length: int = _f(20, "T: inner steps per outer step (PES/TES)")
+    truncation_length: int = _f(10, "T: inner steps per outer step (PES/TES)")
     schedule: str = _f(
         "loguniform", "trajectory length schedule", choices=("constant", "loguniform")
     )
@@ -90,10 +92,13 @@ class MetaTrainConfig:
     random_offset: int = _f(-1, "staggered start offsets K (−1: the trajectory length)")
     pes_reset_rule: str = _f("exact", "PES accumulator reset rule", choices=("exact", "reference"))
     full_es_reduce: str = _f("avg", "full ES loss reduction", choices=("avg", "last"))
-    resample_every: int = _f(0, "replace each estimator with probability 1/F per step (0: never)")
+    resample_every: int = _f(50, "replace each estimator with probability 1/F per step (0: never)")
     # -- outer optimisation -----------------------------------------------------------------------
-    outer_steps: int = _f(2000, "number of outer (meta) steps")
-    outer_lr: float = _f(1e-3, "Adam learning rate on θ")
+    # Defaults of the bare command (docs/design/mixture.md): from the bundled weights (init_from
+    # auto), 2 estimators resampled every ~50 steps so a short run sees many architectures of the
+    # family, T 10 and a small outer lr so it specialises the default without undoing it.
+    outer_steps: int = _f(1200, "number of outer (meta) steps")
+    outer_lr: float = _f(3e-4, "Adam learning rate on θ")
     outer_weight_decay: float = _f(
         0.0, "decoupled weight decay on θ (AdamW, decay lr·wd·θ per step; 0: plain Adam)"
     )
@@ -327,6 +332,8 @@ class MetaTrainConfig:
 
 QUICK: dict[str, Any] = {
     "init_from": "none",
+    "num_estimators": 1,
+    "resample_every": 0,
     "task_option": {"image_sizes": [8], "depth": 1, "width": [16, 48], "batch_size": [32, 128]},
     "num_tasks": 8,
     "truncation_length": 10,
@@ -356,6 +363,7 @@ CELO2_RECIPE: dict[str, Any] = {
     "estimator": "pes",
     "num_tasks": 8,
     "num_estimators": 1,
+    "resample_every": 0,
     "sigma": 0.01,
     "truncation_length": 50,
     "schedule": "loguniform",
@@ -430,9 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
         if f.name in ("task_option", "lopt_option"):
-            parser.add_argument(
-                flag, type=key_value_option(flag), action="append", help=help_text
-            )
+            parser.add_argument(flag, type=key_value_option(flag), action="append", help=help_text)
         elif f.type in ("bool", bool):
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, help=help_text, default=None

@@ -269,8 +269,6 @@ class HeldoutMonitor:
             self.eval_seconds = kept[-1].get("heldout_eval_s", 0.0)
 
 
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 

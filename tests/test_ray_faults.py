@@ -35,6 +35,8 @@ TINY_ARGS = [
     "--trajectory-length", "20",
     "--min-trajectory-length", "5",
     "--log-every", "1",
+    "--num-estimators", "1",
+    "--resample-every", "0",
     "--no-progress",
 ]  # fmt: skip
 

@@ -27,6 +27,7 @@ def tiny_argv(run: Path, *extra: str) -> list[str]:
         argv += ["--task-option", f"{k}={json.dumps(v)}"]
     argv += ["--num-tasks", "2", "--truncation-length", "2", "--trajectory-length", "8"]
     argv += ["--min-trajectory-length", "3", "--log-every", "1"]
+    argv += ["--num-estimators", "1", "--resample-every", "0"]
     return argv + list(extra)
 
 

@@ -25,6 +25,9 @@ def tiny_config(out_dir: str | Path, **overrides) -> MetaTrainConfig:
         progress=False,
         heldout_tasks=0,  # the held-out monitor has its own tests
         init_from="none",  # a fresh θ: tests compare runs from the seed alone
+        num_estimators=1,  # the settings these tests were written for
+        resample_every=0,
+        outer_lr=1e-3,
         out_dir=str(out_dir),
     )
     values.update(overrides)
