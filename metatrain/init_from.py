@@ -37,7 +37,10 @@ FRESH = ("none", "")
 """``--init-from none``: a fresh random θ (as does an unset value)."""
 
 
-DEFAULT_WEIGHTS: dict[str, str] = {"small_fc_lopt": lopt.DEFAULT_ZOO_REF}
+DEFAULT_WEIGHTS: dict[str, str] = {
+    "small_fc_lopt": lopt.DEFAULT_ZOO_REF,
+    "celo2": "celo2/mixture_8x8",
+}
 """Architecture name → the bundled weights ``--init-from auto`` starts from."""
 
 

@@ -142,3 +142,12 @@ def test_celo2_momentum_theta_is_orthogonalised_momentum(tmp_path):
 
     init = resolve_init(str(out), cfg, {})
     assert init is not None and init.record["kind"] == "file"
+
+
+def test_auto_for_celo2_starts_from_the_bundled_mixture_weights():
+    from metatrain.init_from import resolve_init
+
+    entry = zoo.load("celo2/mixture_8x8")
+    init = resolve_init("auto", lopt.resolve_config("celo2"), {})
+    assert init is not None and init.record["resolved"] == entry.ref
+    assert resolve_init("auto", lopt.resolve_config("celo2_base"), {}) is None
