@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from .architecture import ConfigMixin
 
@@ -21,6 +21,30 @@ NUM_ELEMENT_FEATURES = 28
 NUM_TIME_FEATURES = 11
 TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 DECAY_KEYS = ("momentum_decays", "rms_decays", "adafactor_decays")
+
+
+def check_finite_floats(config: Any, names: tuple[str, ...]) -> None:
+    """Each field in ``names`` of ``config`` is a finite int or float (else a ValueError)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite float, got {value!r}")
+
+
+def normalise_decays(config: Any, spec: tuple[tuple[str, int], ...]) -> None:
+    """Each ``(field, n)`` of a frozen ``config`` becomes a tuple of n floats in [0, 1).
+
+    The accumulator decays of small_fc_lopt, ELO and VeLO (momentum ×3, RMS ×1, Adafactor ×3).
+    """
+    for name, n in spec:
+        decays = tuple(float(d) for d in getattr(config, name))
+        if len(decays) != n or not all(0.0 <= d < 1.0 for d in decays):
+            raise ValueError(f"{name} must be {n} decays in [0, 1), got {decays!r}")
+        object.__setattr__(config, name, decays)
+
+
+DECAYS_SPEC = (("momentum_decays", 3), ("rms_decays", 1), ("adafactor_decays", 3))
+"""The decay fields of ELO and VeLO configs with their lengths (for :func:`normalise_decays`)."""
 
 
 @dataclass(frozen=True)
@@ -56,19 +80,15 @@ class SmallFCConfig(ConfigMixin):
                 "hidden_layers must be an int >= 1 (reference counting), "
                 f"got {self.hidden_layers!r}"
             )
-        for name in ("step_mult", "exp_mult"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite float, got {value!r}")
-        for name, n in (
-            ("initial_momentum_decays", 3),
-            ("initial_rms_decays", 1),
-            ("initial_adafactor_decays", 3),
-        ):
-            decays = tuple(float(d) for d in getattr(self, name))
-            if len(decays) != n or not all(0.0 <= d < 1.0 for d in decays):
-                raise ValueError(f"{name} must be {n} decays in [0, 1), got {decays!r}")
-            object.__setattr__(self, name, decays)
+        check_finite_floats(self, ("step_mult", "exp_mult"))
+        normalise_decays(
+            self,
+            (
+                ("initial_momentum_decays", 3),
+                ("initial_rms_decays", 1),
+                ("initial_adafactor_decays", 3),
+            ),
+        )
         if self.tie_break not in ("first", "last"):
             raise ValueError(f"tie_break must be 'first' or 'last', got {self.tie_break!r}")
         offsets = {k: tuple(float(x) for x in v) for k, v in dict(self.init_decay_offsets).items()}

@@ -20,7 +20,7 @@ import torch
 
 from .. import core as small_fc_core
 from ..architecture import ConfigMixin
-from ..config import NUM_FEATURES, SmallFCConfig, TieBreak
+from ..config import DECAYS_SPEC, NUM_FEATURES, SmallFCConfig, TieBreak, normalise_decays
 from ..functional import apply_decoupled_step
 
 TensorState = dict[str, torch.Tensor]
@@ -54,11 +54,7 @@ class EloConfig(ConfigMixin):
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite float, got {value!r}")
             object.__setattr__(self, name, float(value))
-        for name, n in (("momentum_decays", 3), ("rms_decays", 1), ("adafactor_decays", 3)):
-            decays = tuple(float(d) for d in getattr(self, name))
-            if len(decays) != n or not all(0.0 <= d < 1.0 for d in decays):
-                raise ValueError(f"{name} must be {n} decays in [0, 1), got {decays!r}")
-            object.__setattr__(self, name, decays)
+        normalise_decays(self, DECAYS_SPEC)
         if self.tie_break not in ("first", "last"):
             raise ValueError(f"tie_break must be 'first' or 'last', got {self.tie_break!r}")
 

@@ -9,11 +9,11 @@ and shapes :meth:`VeLOConfig.theta_shapes` lists (weights in ``(in, out)`` layou
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from ..architecture import ConfigMixin
+from ..config import DECAYS_SPEC, check_finite_floats, normalise_decays
 
 VeLOTieBreak = Literal["first", "pylo"]
 
@@ -60,15 +60,8 @@ class VeLOConfig(ConfigMixin):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("step_mult", "exp_mult"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite float, got {value!r}")
-        for name, n in (("momentum_decays", 3), ("rms_decays", 1), ("adafactor_decays", 3)):
-            decays = tuple(float(d) for d in getattr(self, name))
-            if len(decays) != n or not all(0.0 <= d < 1.0 for d in decays):
-                raise ValueError(f"{name} must be {n} decays in [0, 1), got {decays!r}")
-            object.__setattr__(self, name, decays)
+        check_finite_floats(self, ("step_mult", "exp_mult"))
+        normalise_decays(self, DECAYS_SPEC)
         if self.tie_break not in ("first", "pylo"):
             raise ValueError(f"tie_break must be 'first' or 'pylo', got {self.tie_break!r}")
 
