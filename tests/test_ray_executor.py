@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -90,17 +91,26 @@ def test_ray_resume_is_bit_identical(
 
 
 class KillWorkerDuringStep(RayExecutor):
-    """A real Ray executor whose worker 0 process gets SIGKILLed while step ``at`` computes."""
+    """A real Ray executor whose worker 0 process gets SIGKILLed while step ``at`` computes.
 
-    def __init__(self, cfg: MetaTrainConfig, at: int, delay_s: float) -> None:
+    After the kill every step is paced to take at least ``pace_s`` on the driver: an actor
+    restart takes seconds while the fast lane path makes a tiny step take ~0.1 s, so without a
+    floor the run could end before the restarted worker is back, whatever the machine's load.
+    """
+
+    def __init__(self, cfg: MetaTrainConfig, at: int, delay_s: float, pace_s: float = 0.75):
         super().__init__(cfg)
-        self.at, self.delay_s = at, delay_s
+        self.at, self.delay_s, self.pace_s = at, delay_s, pace_s
 
     def gradients(self, theta, step):
         if step == self.at:
             pid = self.worker_info()[0]["pid"]
             threading.Timer(self.delay_s, os.kill, (pid, signal.SIGKILL)).start()
-        return super().gradients(theta, step)
+        started = time.monotonic()
+        result = super().gradients(theta, step)
+        if step > self.at:
+            time.sleep(max(0.0, self.pace_s - (time.monotonic() - started)))
+        return result
 
 
 def test_worker_killed_mid_step_is_restarted_and_the_run_continues(ray_session, tmp_path, caplog):

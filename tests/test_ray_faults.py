@@ -22,6 +22,9 @@ import lopt
 from metatrain import train
 from metatrain.config import build_parser, config_from_args
 
+# The `ray` CLI of the interpreter running the tests, also when its venv is not on PATH.
+RAY_CLI = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TINY_ARGS = [
@@ -190,7 +193,7 @@ def ray_start(
     another Ray on this machine (a colleague's, CI's) cannot collide with this one."""
     with open(tmp / f"{name}.log", "w") as out:
         return subprocess.Popen(
-            ["ray", "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus}",
+            [RAY_CLI, "start", "--block", "--disable-usage-stats", f"--num-cpus={cpus}",
              f"--temp-dir={tmp / name}", f"--dashboard-agent-listen-port={free_port()}", *args],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )  # fmt: skip
@@ -198,7 +201,7 @@ def ray_start(
 
 def alive_nodes(address: str) -> int:
     status = subprocess.run(
-        ["ray", "status", f"--address={address}"], capture_output=True, text=True, timeout=30,
+        [RAY_CLI, "status", f"--address={address}"], capture_output=True, text=True, timeout=30,
         env=ray_env(),
     )  # fmt: skip
     active = status.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
