@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..functional import apply_decoupled_step
 from . import core
 from .config import Celo2Config
 
@@ -216,5 +217,5 @@ def _apply(param: torch.Tensor, direction: torch.Tensor, eta: float, wd: float, 
             param.mul_(1 - eta * wd)
         param.add_(direction.reshape(param.shape), alpha=-eta * sm)
     else:  # low precision: do the arithmetic in float32, round once
-        new = param.float() * (1 - eta * wd) - (eta * sm) * direction.reshape(param.shape)
-        param.copy_(new)
+        direction = direction.reshape(param.shape)
+        param.copy_(apply_decoupled_step(param.float(), direction, eta, wd, step_size=eta * sm))

@@ -22,6 +22,7 @@ import torch
 
 from .. import core
 from ..config import NUM_ELEMENT_FEATURES
+from ..functional import apply_decoupled_step
 from .validate import check_lanes_step_args, check_step_args
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 16
@@ -122,10 +123,7 @@ def small_fc_step_(
         x = features(start, size, p_chunk, update=False)
         out = core.mlp_outputs(theta, x, w0, b0, len(layers) // 2)
         step = core.step_from_outputs(out, mults)
-        p32 = p_chunk.float()
-        if weight_decay != 0.0:
-            p32 = p32 * (1.0 - lr * weight_decay)
-        p_chunk.copy_(p32 - lr * step)
+        p_chunk.copy_(apply_decoupled_step(p_chunk.float(), step, lr, weight_decay))
 
 
 @torch.no_grad()
