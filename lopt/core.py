@@ -272,16 +272,20 @@ def time_features(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
 
 
 def first_layer(
-    theta: Mapping[str, torch.Tensor], scale: torch.Tensor, t: torch.Tensor | float
+    theta: Mapping[str, torch.Tensor],
+    scale: torch.Tensor,
+    t: torch.Tensor | float,
+    num_element_features: int = NUM_ELEMENT_FEATURES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer 0 with normalisation folded into its weights and time features into its bias.
 
-    Returns ``(w0' (28, h), b0' (h,))`` with ``w0'[j] = s_j·w0[j]`` and
-    ``b0' = b0 + tanh(t/τ − 1) @ w0[28:]`` (design §13). Both rewrites are exact up to rounding and
-    spare the per-element work on 11 constant channels.
+    Returns ``(w0' (n, h), b0' (h,))`` with ``w0'[j] = s_j·w0[j]`` and
+    ``b0' = b0 + tanh(t/τ − 1) @ w0[n:]`` (design §13), ``n`` the per-element channels (28 for
+    small_fc_lopt; mlp_lopt passes its own). Both rewrites are exact up to rounding and spare the
+    per-element work on 11 constant channels.
     """
     w0 = theta["w0"]
-    n = NUM_ELEMENT_FEATURES
+    n = num_element_features
     w0_scaled = w0[:n] * scale.unsqueeze(-1)
     b0 = theta["b0"] + time_features(t, w0) @ w0[n:]
     return w0_scaled, b0

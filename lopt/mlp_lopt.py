@@ -135,11 +135,9 @@ def tensor_step(
     features = torch.cat([g, param.unsqueeze(-1), m], dim=-1)
     # Normalisation and the constant time features are folded into the first layer (exact up
     # to rounding), as in small_fc_lopt: no per-element work on 11 constant channels.
-    n = cfg.num_element_features
-    w0 = theta["w0"]
-    w0_scaled = w0[:n] * core.feature_scale(features).unsqueeze(-1)
-    b0 = theta["b0"] + core.time_features(t, w0) @ w0[n:]
-    out = core.mlp_outputs(theta, features, w0_scaled, b0, len(cfg.layer_sizes()))
+    scale = core.feature_scale(features)
+    w0, b0 = core.first_layer(theta, scale, t, cfg.num_element_features)
+    out = core.mlp_outputs(theta, features, w0, b0, len(cfg.layer_sizes()))
     step = core.step_from_outputs(out, cfg)
     return (step.reshape(()) if scalar else step), {"m": m}
 
