@@ -142,7 +142,7 @@ class MuLO(SmallFCLOpt):
         if weights is None:
             raise ValueError(
                 "MuLO needs meta-weights: import µLO's checkpoint (btherien/mulo) with "
-                "'python -m zoo import-pylo DIR --architecture mulo --name mulo/pylo' and pass "
+                "'python -m zoo import-pylo DIR --pylo-class MuLO --name mulo/pylo' and pass "
                 "weights='mulo/pylo', or pass any small_fc_lopt weights (dict, file or zoo ref)"
             )
         super().__init__(

@@ -169,7 +169,8 @@ def test_mulo_needs_names_and_weights():
     theta = random_theta(lopt.MULO)
     with pytest.raises(ValueError, match=r"pass model.named_parameters\(\)"):
         mulo.MuLO(Net(4).parameters(), Net(2), theta)
-    with pytest.raises(ValueError, match="MuLO needs meta-weights"):
+    missing = "MuLO needs meta-weights.*--pylo-class MuLO --name mulo/pylo"
+    with pytest.raises(ValueError, match=missing):
         mulo.MuLO(Net(4).named_parameters(), Net(2))
     with pytest.raises(TypeError, match="base_shapes must be a"):
         mulo.MuLO(Net(4).named_parameters(), [1, 2], theta)
