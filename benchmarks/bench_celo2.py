@@ -2,10 +2,11 @@
 
     python benchmarks/bench_celo2.py                      # 4M and 25M sets, 2 threads
     python benchmarks/bench_celo2.py --sets 4M --reps 3
+    python benchmarks/bench_celo2.py --device cuda        # the CUDA kernel (benchmarks/gpu_check.sh)
 
 Every method steps every tensor of the set once per call, through its ``torch.optim`` object:
 
-- Celo2 fused: ``lopt.celo2.Celo2(backend="cpp")`` (accumulators in place, the compiled
+- Celo2 fused: ``lopt.celo2.Celo2(backend="cpp")`` (``"cuda"`` with ``--device cuda``) (accumulators in place, the compiled
   features + MLP op, Newton–Schulz as batched GEMMs), the default ``celo2`` config (rank <= 1
   tensors on its Adam branch, every other tensor through the learned rule).
 - Celo2 torch: the same optimizer on the pure-torch backend.
@@ -38,12 +39,12 @@ from lopt import celo2  # noqa: E402
 METHODS = ("celo2_fused", "celo2_torch", "adamw", "muon")
 
 
-def make_params(set_name: str, seed: int = 0) -> list[torch.nn.Parameter]:
+def make_params(set_name: str, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
     gen = torch.Generator().manual_seed(seed)
     params = []
     for shape in PARAM_SETS[set_name]():
-        p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.02)
-        p.grad = torch.randn(shape, generator=gen) * 1e-3
+        p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device))
+        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device)
         params.append(p)
     return params
 
@@ -52,7 +53,8 @@ def make_step(method: str, params: list[torch.nn.Parameter]):
     if method.startswith("celo2"):
         arch = lopt.get_architecture("celo2")
         theta = arch.init_theta(arch.preset(), torch.Generator().manual_seed(0))
-        backend = "cpp" if method == "celo2_fused" else "torch"
+        fused_backend = "cuda" if params[0].is_cuda else "cpp"
+        backend = fused_backend if method == "celo2_fused" else "torch"
         opts = [celo2.Celo2(params, theta, backend=backend)]
     elif method == "adamw":
         opts = [torch.optim.AdamW(params, lr=1e-3, foreach=True)]
@@ -68,16 +70,22 @@ def make_step(method: str, params: list[torch.nn.Parameter]):
     return step
 
 
-def time_set(set_name: str, reps: int, methods: tuple[str, ...]) -> dict[str, float]:
+def time_set(
+    set_name: str, reps: int, methods: tuple[str, ...], device: torch.device
+) -> dict[str, float]:
+    # On CUDA the clock stops only after the queued kernels have finished.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     steps = {}
     for method in methods:
-        steps[method] = make_step(method, make_params(set_name))
+        steps[method] = make_step(method, make_params(set_name, device))
         steps[method]()  # warm-up: state allocation, kernel load
+    sync()
     best = {m: float("inf") for m in methods}
     for _ in range(reps):
         for method in methods:
             start = time.perf_counter()
             steps[method]()
+            sync()
             best[method] = min(best[method], time.perf_counter() - start)
     return best
 
@@ -88,17 +96,25 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if "celo2_fused" in args.methods and not celo2.fused.op_is_available("cpu"):
-        sys.exit("the compiled Celo2 kernel is unavailable; run `python -m lopt.kernels build`")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.reps}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: torch sees no CUDA device")
+    if "celo2_fused" in args.methods and not celo2.fused.op_is_available(device.type):
+        sys.exit(
+            f"the compiled Celo2 kernel is unavailable ({celo2.fused.unavailable_reason(device.type)});"
+            " run `python -m lopt.kernels build`"
+        )
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, best of {args.reps}")
     results = []
     for set_name in args.sets:
-        best = time_set(set_name, args.reps, tuple(args.methods))
+        best = time_set(set_name, args.reps, tuple(args.methods), device)
         n = numel(PARAM_SETS[set_name]())
-        row = {"set": set_name, "numel": n, "seconds": best}
+        row = {"set": set_name, "device": args.device, "numel": n, "seconds": best}
         for base in ("muon", "adamw"):
             if base in best:
                 row[f"ratio_to_{base}"] = {m: best[m] / best[base] for m in best}

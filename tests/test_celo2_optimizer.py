@@ -31,7 +31,7 @@ def params_of(shapes, seed=0, dtype=torch.float32):
 def set_grads(params, seed):
     gen = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
 
 
 def run(name, shapes, steps=3, seed=0, **kwargs):
