@@ -56,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(its flags: python -m metatrain.eval --suite generalisation --help)",
     )
     add(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="compare finished generalisation-suite reports in one table with the goal checks "
+        "(its flags: python -m metatrain.eval --compare DIR --help)",
+    )
+    add(
         "--optimizer",
         required=True,
         metavar="REF",
@@ -211,6 +219,10 @@ def _summary(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--compare" or a.startswith("--compare=") for a in argv):
+        from metatrain.generalisation.cli import compare_main
+
+        return compare_main(argv)
     if any(a == "--suite" or a.startswith("--suite=") for a in argv):
         from metatrain.generalisation.cli import main as suite_main
 

@@ -10,10 +10,13 @@
 Modules: :mod:`.config` (grids, run configs), :mod:`.optimizers` (baselines and learned
 optimizers as ``torch.optim``), :mod:`.runner` (one run, the result cache), :mod:`.tuning` (the
 protocol), :mod:`.report` (metrics, speedup, rliable IQMs, Markdown), :mod:`.schema`,
-:mod:`.plots`, :mod:`.write` (files, zoo card), :mod:`.suite` (orchestration). The problems live
-in :mod:`tasks.heldout`; the protocol is described in docs/design/generalisation.md.
+:mod:`.plots`, :mod:`.write` (files, zoo card), :mod:`.suite` (orchestration), :mod:`.compare`
+(several reports in one table with the goal checks; ``python -m metatrain.eval --compare``).
+The problems live in :mod:`tasks.heldout`; the protocol is described in
+docs/design/generalisation.md.
 """
 
+from .compare import Comparison, compare_reports, load_report
 from .config import RunConfig, SuiteConfig, lr_grid, run_grid
 from .optimizers import BASELINES, OptimizerSpec, resolve_spec
 from .report import comparison_markdown, iqm_with_ci, markdown, normalised_loss, speedup
@@ -24,6 +27,7 @@ from .tuning import Tuned, select_best, tune
 
 __all__ = [
     "BASELINES",
+    "Comparison",
     "SUITE_SCHEMA",
     "OptimizerSpec",
     "ResultCache",
@@ -32,9 +36,11 @@ __all__ = [
     "SuiteConfig",
     "SuiteResult",
     "Tuned",
+    "compare_reports",
     "comparison_markdown",
     "evaluate_suite",
     "iqm_with_ci",
+    "load_report",
     "lr_grid",
     "markdown",
     "normalised_loss",

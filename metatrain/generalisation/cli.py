@@ -1,4 +1,8 @@
-"""``python -m metatrain.eval --suite generalisation --optimizer REF ...``: the front door."""
+"""``python -m metatrain.eval --suite generalisation --optimizer REF ...``: the front door.
+
+``python -m metatrain.eval --compare DIR [DIR ...]`` compares finished suite reports
+(:mod:`.compare`); its parser lives here too.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from tasks.heldout import PROBLEMS
 
 from .config import ABLATION_AXES, SCHEDULES, SuiteConfig
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_compare_parser", "build_parser", "compare_main", "main"]
 
 _D = SuiteConfig(optimizer="")
 SUITES = ("generalisation",)
@@ -148,6 +152,89 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads (default: torch's)",
     )
     return p
+
+
+def build_compare_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m metatrain.eval",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Compare finished generalisation-suite reports: one Markdown table (per problem the "
+            "tuned AdamW reference, then every report's optimizer: best config, final train and "
+            "test loss mean ± sd over seeds, test accuracy, diverged seeds, losses over AdamW's) "
+            "and, for every optimizer that is not a --baseline, the goal checks: never diverges; "
+            "final train loss below tuned AdamW's on >= 3 of the 4 core problems; test loss "
+            "within 5 % of AdamW's on all; wins against each --baseline. Refuses reports run "
+            "with different settings unless --allow-mixed.",
+            78,
+        ),
+    )
+    add = p.add_argument
+    add(
+        "--compare",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="suite report directories (the --out of --suite generalisation runs) or their "
+        "suite.json files, in the order of the table's rows",
+    )
+    add(
+        "--suite",
+        choices=SUITES,
+        default="generalisation",
+        help="the benchmark the reports come from (default: %(default)s)",
+    )
+    add(
+        "--baseline",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        help="optimizers compared against rather than judged (e.g. muon): an optimizer name "
+        "of a compared report or its directory",
+    )
+    add(
+        "--problems",
+        type=_list(str),
+        default=None,
+        metavar="P,..",
+        help="the problems to show (default: every problem all reports have); the goals count "
+        "only the core four",
+    )
+    add(
+        "--allow-mixed",
+        action="store_true",
+        help="compare reports with different steps, seeds, tuning axes or AdamW reference "
+        "(the differences are listed under the table)",
+    )
+    add("--out", default=None, metavar="FILE.md", help="also write the Markdown to FILE.md")
+    return p
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_compare_parser().parse_args(argv)
+    from lopt.files import atomic_write
+
+    from .compare import compare_reports
+
+    try:
+        result = compare_reports(
+            args.compare,
+            baselines=args.baseline,
+            problems=args.problems,
+            allow_mixed=args.allow_mixed,
+        )
+        if args.out:
+            atomic_write(args.out, result.markdown)
+    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
+        message = " ".join(str(err).split())
+        print(f"python -m metatrain.eval: error: {message}", file=sys.stderr)
+        return 2
+    print(result.markdown, end="")
+    if args.out:
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
 
 
 def config_from_args(args: argparse.Namespace) -> SuiteConfig:

@@ -7,6 +7,7 @@ are ``null``; strict JSON has no NaN.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .report import FINAL_KEYS, FRACTIONS, SCHEMA
@@ -170,10 +171,19 @@ def validate_report(report: dict[str, Any]) -> None:
         raise ImportError(
             f"checking the suite report needs jsonschema ({err}); pip install 'lozoo[eval]'"
         ) from err
-    try:
-        jsonschema.validate(report, SUITE_SCHEMA)
-    except jsonschema.ValidationError as err:
+    err = jsonschema.exceptions.best_match(_validator().iter_errors(report))
+    if err is not None:
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
         raise ValueError(
             f"suite report does not match {SCHEMA} at {where}: {err.message}"
         ) from None
+
+
+@functools.cache
+def _validator() -> Any:
+    """The schema's validator, built (and the schema checked) once: that check is the slow part."""
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(SUITE_SCHEMA)
+    cls.check_schema(SUITE_SCHEMA)
+    return cls(SUITE_SCHEMA)
