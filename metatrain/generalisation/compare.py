@@ -238,15 +238,15 @@ def _outcome(mine: float | None, theirs: float | None) -> str:
     return "tie" if mine == theirs else "loss"
 
 
-def _ratio(mine: float | None, theirs: float | None) -> str:
-    """``mine / theirs`` with enough digits that a non-tie never prints as exactly 1."""
+def _ratio(mine: float | None, theirs: float | None, bound: float = 1.0) -> str:
+    """``mine / theirs`` with enough digits never to print a ratio as ``bound`` it is not."""
     if mine is None or theirs is None:
         return "n/a"
     if theirs == 0:
         return "1 (both 0)" if mine == 0 else "inf"
     r = mine / theirs
     text = f"{r:.3g}"
-    return f"{r:.6g}" if text == "1" and mine != theirs else text
+    return f"{r:.6g}" if text == f"{bound:.3g}" and r != bound else text
 
 
 def _loss_mean(t: Mapping[str, Any], key: str) -> float | None:
@@ -354,7 +354,7 @@ def _goals(
             f"{t['diverged_seeds']}/{t['seeds']}, {len(grid)}/{len(t['grid'])}"
             + (" ✗" if notes else ""),
             f"{_ratio(_loss_mean(t, 'train_loss'), _loss_mean(ref, 'train_loss'))} {train_out}",
-            f"{_ratio(mine_test, ref_test)} {'within' if within else 'over'}",
+            f"{_ratio(mine_test, ref_test, TEST_LOSS_TOLERANCE)} {'within' if within else 'over'}",
         ]
         for b in baselines:
             theirs = _loss_mean(b.problem(name)["optimizer"], "train_loss")
