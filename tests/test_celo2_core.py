@@ -455,6 +455,12 @@ def test_config_json_round_trip_and_unknown_keys():
         ({"global_clip_norm": 0.0}, "global_clip_norm must be a float > 0 or None"),
         ({"adam_name_pattern": "("}, "is not a valid regex"),
         ({"orthogonalize": 1}, "orthogonalize must be a bool"),
+        ({"conv_mode": "flat"}, "conv_mode must be one of 'slices', 'matrix', got 'flat'"),
+        (
+            {"conv_mode": "matrix", "layout": "as_stored"},
+            r"conv_mode='matrix' needs layout='torch' .* got layout='as_stored'; set "
+            r"layout='torch' or conv_mode='slices'",
+        ),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
@@ -470,3 +476,112 @@ def test_validate_theta_names_the_problem():
         celo2.validate_theta({**theta, "w1": torch.zeros(8, 9)}, celo2.CELO2)
     with pytest.raises(ValueError, match="'b0' contains NaN or inf"):
         celo2.validate_theta({**theta, "b0": torch.full((8,), float("nan"))}, celo2.CELO2)
+
+
+# -- conv_mode="matrix": a conv kernel is one (in·∏spatial, out) matrix -------------------------
+MATRIX = dataclasses.replace(celo2.CELO2, conv_mode="matrix")
+CONV_SHAPES = [(16, 1, 3, 3), (32, 16, 3, 3), (8, 4, 5, 5), (6, 6, 1, 1), (4, 3, 2, 2, 2),
+               (5, 3, 4)]  # fmt: skip
+
+
+@pytest.mark.parametrize("cfg", [MATRIX, dataclasses.replace(celo2.CELO2_BASE, conv_mode="matrix")],
+                         ids=["celo2", "celo2_base"])  # fmt: skip
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
+def test_matrix_mode_conv_steps_exactly_as_the_flattened_linear_weight(shape, cfg):
+    """Bit for bit, over steps, state included: the conv (out, in, *k) under conv_mode="matrix"
+    and an nn.Linear weight (out, in·∏k) holding the same numbers run the same float ops."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    theta = random_theta(7)
+    conv = {"w": torch.randn(shape, generator=gen)}
+    linear = {"w": conv["w"].reshape(shape[0], -1).clone()}
+    linear_cfg = dataclasses.replace(cfg, conv_mode="slices")  # the default: a Linear's frame
+    conv_state, linear_state = celo2.init_state(conv, cfg), celo2.init_state(linear, linear_cfg)
+    assert conv_state["tensors"]["w"]["m"].shape == (math.prod(shape[1:]), shape[0], 3)
+    for step, scale in enumerate([1e-3, 1.0, 30.0, 0.1]):
+        g = torch.randn(shape, generator=gen) * scale
+        conv, conv_state = celo2.update(theta, conv_state, conv, {"w": g}, cfg, lr=0.7,
+                                        weight_decay=0.1)  # fmt: skip
+        linear, linear_state = celo2.update(theta, linear_state, linear,
+                                            {"w": g.reshape(shape[0], -1)}, linear_cfg, lr=0.7,
+                                            weight_decay=0.1)  # fmt: skip
+        assert conv["w"].shape == shape
+        assert torch.equal(conv["w"].reshape(shape[0], -1), linear["w"]), f"step {step}"
+        for key, value in linear_state["tensors"]["w"].items():
+            assert torch.equal(conv_state["tensors"]["w"][key], value), f"step {step}: {key}"
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=str)
+def test_matrix_mode_steps_the_whole_kernel_to_unit_rms_and_differs_from_slices(shape):
+    gen = torch.Generator().manual_seed(1)
+    p, g = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    theta = random_theta(2)
+    u, _ = core.learned_direction(theta, p, g, core.init_tensor_state(p, MATRIX), MATRIX)
+    slices, _ = core.learned_direction(theta, p, g, core.init_tensor_state(p, celo2.CELO2),
+                                       celo2.CELO2)  # fmt: skip
+    assert u.shape == shape
+    assert u.square().mean().item() == pytest.approx(1.0, abs=1e-5)
+    if math.prod(shape[2:]) > 1:  # one RMS for the kernel, not one per spatial position
+        per_slice = u.square().mean(dim=(0, 1)).sqrt()
+        assert (per_slice - 1).abs().max() > 1e-2
+        assert (u - slices).abs().max() > 0.1
+    else:  # a 1×1 kernel is a matrix either way
+        torch.testing.assert_close(u, slices, atol=0, rtol=0)
+
+
+def test_frame_mapping_per_mode():
+    x = torch.arange(4 * 3 * 2 * 5, dtype=torch.float32).reshape(4, 3, 2, 5)
+    for cfg, want in [(celo2.CELO2, (2, 5, 3, 4)), (MATRIX, (30, 4))]:
+        ref = core.to_reference(x, cfg)
+        assert tuple(ref.shape) == want == core.reference_shape(x.shape, cfg)
+        assert torch.equal(core.from_reference(ref, cfg, x.shape), x)
+    torch.testing.assert_close(core.to_reference(x, MATRIX), x.reshape(4, -1).T, atol=0, rtol=0)
+    # a per-matrix statistic, expanded to the frame, maps back as a view of the same numbers
+    scale = torch.tensor([[2.0]])
+    back = core.from_reference(scale.expand(30, 4), MATRIX, x.shape)
+    assert back.shape == x.shape and back.data_ptr() == scale.data_ptr()
+    for shape in [(), (7,), (5, 9), (6, 6)]:  # rank <= 2: the mode changes nothing
+        assert core.reference_shape(shape, MATRIX) == core.reference_shape(shape, celo2.CELO2)
+        assert core.same_frame(shape, MATRIX, celo2.CELO2)
+    assert not core.same_frame((4, 3, 2, 5), MATRIX, celo2.CELO2)
+    assert not core.same_frame((4, 4, 1, 1), MATRIX, celo2.CELO2)
+    as_stored = dataclasses.replace(celo2.CELO2, layout="as_stored")
+    assert not core.same_frame((6, 6), as_stored, celo2.CELO2)  # equal shapes, axes swapped
+
+
+@pytest.mark.parametrize("cfg", [celo2.CELO2, MATRIX], ids=["slices", "matrix"])
+def test_vmap_over_lanes_with_conv_kernels(cfg):
+    """The meta-training path: update vmapped over θ, params, grads and state, conv included."""
+    gen = torch.Generator().manual_seed(14)
+    shapes = {"conv": (6, 2, 3, 3), "w": (7, 5), "b": (7,)}
+    lanes = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(3)]
+    grads = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(3)]
+    thetas = [random_theta(s) for s in range(3)]
+    stack = lambda dicts: {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}  # noqa: E731
+    one = celo2.init_state(lanes[0], cfg)
+    state = {"t": one["t"].expand(3).clone(),
+             "tensors": {n: {k: v.expand(3, *v.shape).clone() for k, v in s.items()}
+                         for n, s in one["tensors"].items()}}  # fmt: skip
+    step = torch.func.vmap(lambda th, p, s, g: celo2.update(th, s, p, g, cfg))
+    new, new_state = step(stack(thetas), stack(lanes), state, stack(grads))
+    for i in range(3):
+        want, want_state = celo2.update(thetas[i], celo2.init_state(lanes[i], cfg), lanes[i],
+                                        grads[i], cfg)  # fmt: skip
+        for k in shapes:
+            torch.testing.assert_close(new[k][i], want[k], atol=1e-6, rtol=0)
+        torch.testing.assert_close(new_state["tensors"]["conv"]["m"][i],
+                                   want_state["tensors"]["conv"]["m"])  # fmt: skip
+
+
+def test_conv_mode_config_default_json_and_old_records():
+    assert all(cfg.conv_mode == "slices" for cfg in celo2.VARIANTS.values())
+    assert celo2.Celo2Config.from_json(MATRIX.to_json()) == MATRIX
+    assert MATRIX.to_dict()["conv_mode"] == "matrix"
+    old = {k: v for k, v in celo2.CELO2.to_dict().items() if k != "conv_mode"}
+    assert celo2.Celo2Config.from_dict(old) == celo2.CELO2
+    assert lopt_resolve({"conv_mode": "matrix"}) == MATRIX
+
+
+def lopt_resolve(options):
+    import lopt
+
+    return lopt.resolve_config("celo2", options)

@@ -325,3 +325,97 @@ def test_zoo_round_trip_and_make_optimizer(zroot, name):
     assert type(opt) is arch.optimizer and opt.meta_weights_info["source"] == f"zoo:{entry.ref}"
     set_grads(params, 0)
     opt.step()
+
+
+# -- conv_mode="matrix" -------------------------------------------------------------------------
+CONV_SHAPES = [(16, 1, 3, 3), (32, 16, 3, 3), (8, 4, 5, 5), (6, 6, 1, 1), (4, 3, 2, 2, 2),
+               (5, 3, 4)]  # fmt: skip
+
+
+def matrix_config(name="celo2"):
+    import dataclasses
+
+    return dataclasses.replace(lopt.get_architecture(name).preset(), conv_mode="matrix")
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["celo2", "celo2_base"])
+def test_matrix_mode_cpp_backend_matches_torch_backend_on_convs(name):
+    shapes = CONV_SHAPES + [(6, 5), (7,)]
+    a, _ = run(name, shapes, steps=4, backend="torch", config=matrix_config(name))
+    b, _ = run(name, shapes, steps=4, backend="cpp", config=matrix_config(name))
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_matrix_mode_shell_equals_the_functional_update(backend):
+    cfg = matrix_config()
+    params, _ = run("celo2", CONV_SHAPES, steps=3, backend=backend, config=cfg, lr=0.7,
+                    weight_decay=0.05)  # fmt: skip
+    named = {f"p{i}": p.detach() for i, p in enumerate(params_of(CONV_SHAPES))}
+    state = celo2.init_state(named, cfg)
+    for k in range(3):
+        grads = {f"p{i}": g.grad for i, g in enumerate(_grads_like(named, 100 + k))}
+        named, state = celo2.update(make_theta("celo2"), state, named, grads, cfg, lr=0.7,
+                                    weight_decay=0.05)  # fmt: skip
+    for i, p in enumerate(params):
+        torch.testing.assert_close(p.detach(), named[f"p{i}"], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_matrix_mode_bf16_conv_steps_in_float32(backend):
+    params = params_of([(8, 3, 3, 3)], dtype=torch.bfloat16)
+    ref = [torch.nn.Parameter(params[0].detach().float())]
+    for group, dtype in ((params, torch.bfloat16), (ref, torch.float32)):
+        opt = celo2.Celo2(group, make_theta("celo2"), config=matrix_config(), backend=backend)
+        set_grads(group, 0)
+        group[0].grad = group[0].grad.to(dtype)
+        opt.step()
+    torch.testing.assert_close(params[0].float(), ref[0].detach().bfloat16().float())
+
+
+@pytest.mark.parametrize(
+    "saved, loaded",
+    [("slices", "matrix"), ("matrix", "slices")],
+)
+def test_state_saved_under_one_conv_mode_is_refused_under_the_other(saved, loaded):
+    import dataclasses
+
+    cfgs = {m: dataclasses.replace(celo2.CELO2, conv_mode=m) for m in ("slices", "matrix")}
+    shapes = [(6, 5), (8, 4, 3, 3)]
+    _, opt = run("celo2", shapes, steps=1, backend="torch", config=cfgs[saved])
+    state = copy.deepcopy(opt.state_dict())
+    other = celo2.Celo2(params_of(shapes), make_theta("celo2"), config=cfgs[loaded])
+    with pytest.raises(
+        ValueError,
+        match=rf"saved with conv_mode='{saved}', this optimizer has conv_mode='{loaded}'; the "
+        r"learned state of parameter 1 \(shape \(8, 4, 3, 3\)\) lives in the rule's frame.*"
+        rf"build Celo2 with conv_mode='{saved}' to resume",
+    ):
+        other.load_state_dict(state)
+    same = celo2.Celo2(params_of(shapes), make_theta("celo2"), config=cfgs[saved])
+    same.load_state_dict(copy.deepcopy(state))  # the same mode resumes
+
+
+def test_conv_mode_switch_without_convs_resumes_and_old_records_read_as_slices():
+    import dataclasses
+
+    _, opt = run("celo2", [(6, 5), (5,)], steps=1, backend="torch")
+    state = opt.state_dict()
+    del state["meta_weights"]["config"]["conv_mode"]  # a record from before the field
+    matrix = celo2.Celo2(params_of([(6, 5), (5,)]), make_theta("celo2"), config=matrix_config())
+    matrix.load_state_dict(copy.deepcopy(state))  # a matrix's frame is the same in both modes
+    _, conv_opt = run("celo2", [(4, 2, 3, 3)], steps=1, backend="torch")
+    conv_state = conv_opt.state_dict()
+    del conv_state["meta_weights"]["config"]["conv_mode"]
+    with pytest.raises(ValueError, match="saved with conv_mode='slices'"):
+        celo2.Celo2(params_of([(4, 2, 3, 3)]), make_theta("celo2"),
+                    config=matrix_config()).load_state_dict(conv_state)  # fmt: skip
+    # layout is a frame field too: a square matrix keeps its shapes but swaps its axes
+    as_stored = dataclasses.replace(celo2.CELO2, layout="as_stored")
+    _, square = run("celo2", [(6, 6)], steps=1, backend="torch")
+    with pytest.raises(ValueError, match="saved with layout='torch', this optimizer has "
+                                         "layout='as_stored'"):  # fmt: skip
+        celo2.Celo2(params_of([(6, 6)]), make_theta("celo2"),
+                    config=as_stored).load_state_dict(square.state_dict())  # fmt: skip

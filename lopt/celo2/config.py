@@ -18,6 +18,8 @@ from typing import ClassVar, Literal
 from ..architecture import ConfigMixin
 
 Layout = Literal["torch", "as_stored"]
+ConvMode = Literal["slices", "matrix"]
+CONV_MODES = ("slices", "matrix")
 AdamForm = Literal["meta", "adamw"]
 
 # Feature groups in channel order: the row blocks of θ["w0"] (the reference's w0__0 … w0__13).
@@ -51,6 +53,13 @@ class Celo2Config(ConfigMixin):
         layout: ``"torch"`` reads every tensor of rank >= 2 as PyTorch's ``(out, in, *spatial)``
             and applies the rule to it permuted to the reference's ``(*spatial, in, out)``;
             ``"as_stored"`` applies the rule to the tensor as stored (PyLO's behaviour).
+        conv_mode: how ``layout="torch"`` frames a tensor of rank >= 3 ``(out, in, *spatial)``.
+            ``"slices"`` (default, the reference): the rule runs on ``(*spatial, in, out)``, one
+            ``(in, out)`` matrix per spatial position (normalisation, factored statistics,
+            Newton–Schulz and the unit-RMS output all per slice). ``"matrix"`` (Muon's
+            treatment of convolutions): the rule runs on the one ``(in·∏spatial, out)`` matrix,
+            exactly what an ``nn.Linear`` weight of shape ``(out, in·∏spatial)`` gets. Rank <= 2
+            tensors are the same under both. Needs ``layout="torch"``.
         step_mult: the learned direction has unit RMS per matrix; the step is
             ``lr · step_mult · u`` so that ``lr = 1`` is the meta-training step size (1e-3).
     """
@@ -68,6 +77,7 @@ class Celo2Config(ConfigMixin):
     clip_adam_grads: bool = False
     global_clip_norm: float | None = None
     layout: Layout = "torch"
+    conv_mode: ConvMode = "slices"
     step_mult: float = 1e-3
 
     def __post_init__(self) -> None:
@@ -90,6 +100,18 @@ class Celo2Config(ConfigMixin):
             raise ValueError(f"adam_form must be 'meta' or 'adamw', got {self.adam_form!r}")
         if self.layout not in ("torch", "as_stored"):
             raise ValueError(f"layout must be 'torch' or 'as_stored', got {self.layout!r}")
+        if self.conv_mode not in CONV_MODES:
+            raise ValueError(
+                f"conv_mode must be one of {', '.join(repr(m) for m in CONV_MODES)}, "
+                f"got {self.conv_mode!r}"
+            )
+        if self.conv_mode == "matrix" and self.layout != "torch":
+            # "as_stored" has no (out, in, *spatial) reading to flatten the kernel by.
+            raise ValueError(
+                f"conv_mode='matrix' needs layout='torch' (it reads rank >= 3 tensors as "
+                f"(out, in, *spatial)), got layout={self.layout!r}; set layout='torch' or "
+                "conv_mode='slices'"
+            )
         betas = tuple(float(b) for b in self.adam_betas)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"adam_betas must be two decays in [0, 1), got {self.adam_betas!r}")

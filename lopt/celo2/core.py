@@ -17,8 +17,9 @@ Then ``p ← p·(1 − lr·wd) − lr·step_mult·u``. Tensors routed to the Ada
 ``lr·adam_lr_mult`` instead of ``lr`` (weight decay too).
 
 Layout. ``cfg.layout == "torch"`` reads a rank >= 2 tensor as ``(out, in, *spatial)`` and runs
-the rule on ``(*spatial, in, out)``, the layout the reference (and its weights) assume; its state
-lives in that frame. ``"as_stored"`` runs the rule on the tensor as given.
+the rule on ``(*spatial, in, out)``, the layout the reference (and its weights) assume, or, with
+``cfg.conv_mode == "matrix"``, on the one ``(in·∏spatial, out)`` matrix of a rank >= 3 tensor;
+its state lives in that frame. ``"as_stored"`` runs the rule on the tensor as given.
 
 State of one tensor: learned branch ``m`` S+(3,), ``v`` S+(1,) and either ``v_row`` (S without
 axis a)+(3,) and ``v_col`` (S without axis b)+(3,) (rank >= 2) or ``v_diag`` S+(3,) (rank <= 1),
@@ -28,6 +29,7 @@ parameter's shape. Which branch a tensor takes is fixed when its state is create
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -61,23 +63,41 @@ def routes_to_adam(name: str, shape: tuple[int, ...] | torch.Size, cfg: Celo2Con
     return cfg.adam_name_pattern is not None and re.search(cfg.adam_name_pattern, name) is not None
 
 
+FRAME_FIELDS = ("layout", "conv_mode")
+"""Config fields that choose the rule's frame, and so the shape and meaning of the state."""
+
+
 def _to_reference_perm(ndim: int) -> tuple[int, ...]:
     # (out, in, *spatial) -> (*spatial, in, out): nn.Linear / nn.ConvNd to Haiku's layout.
     return (*range(2, ndim), 1, 0)
+
+
+def _matrix_frame(ndim: int, cfg: Celo2Config) -> bool:
+    # conv_mode="matrix": a kernel (out, in, *spatial) is the (in·∏spatial, out) matrix that an
+    # nn.Linear weight (out, in·∏spatial) is in its frame (design doc, "conv_mode").
+    return cfg.conv_mode == "matrix" and ndim >= 3
 
 
 def to_reference(x: torch.Tensor, cfg: Celo2Config) -> torch.Tensor:
     """View ``x`` (a parameter or gradient) in the frame the rule is defined in."""
     if cfg.layout == "as_stored" or x.dim() < 2:
         return x
+    if _matrix_frame(x.dim(), cfg):
+        return x.reshape(x.shape[0], -1).mT
     return x.permute(_to_reference_perm(x.dim()))
 
 
-def from_reference(x: torch.Tensor, cfg: Celo2Config) -> torch.Tensor:
-    """Inverse of :func:`to_reference`."""
-    if cfg.layout == "as_stored" or x.dim() < 2:
+def from_reference(
+    x: torch.Tensor, cfg: Celo2Config, shape: tuple[int, ...] | torch.Size
+) -> torch.Tensor:
+    """Inverse of :func:`to_reference` for a parameter of ``shape``: ``x`` has shape
+    ``reference_shape(shape, cfg)`` (it may be an expanded view; the result is then a view)."""
+    ndim = len(shape)
+    if cfg.layout == "as_stored" or ndim < 2:
         return x
-    perm = _to_reference_perm(x.dim())
+    if _matrix_frame(ndim, cfg):
+        return x.mT.reshape(shape)  # splits one axis: a view, never a copy
+    perm = _to_reference_perm(ndim)
     inverse = [0] * len(perm)
     for i, axis in enumerate(perm):
         inverse[axis] = i
@@ -91,7 +111,17 @@ def reference_shape(shape: tuple[int, ...] | torch.Size, cfg: Celo2Config) -> tu
         return (1,)
     if cfg.layout == "as_stored" or len(shape) < 2:
         return shape
+    if _matrix_frame(len(shape), cfg):
+        return (math.prod(shape[1:]), shape[0])
     return tuple(shape[a] for a in _to_reference_perm(len(shape)))
+
+
+def same_frame(shape: tuple[int, ...] | torch.Size, a: Celo2Config, b: Celo2Config) -> bool:
+    """Whether ``a`` and ``b`` view a tensor of ``shape`` in the same frame, element for element
+    (then its learned state means the same under both)."""
+    x = torch.empty(tuple(shape), device="meta")
+    in_a, in_b = to_reference(x, a), to_reference(x, b)
+    return in_a.shape == in_b.shape and in_a.stride() == in_b.stride()
 
 
 def factored_axes(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
@@ -285,7 +315,7 @@ def learned_direction(
     if scalar:  # a scalar is a rank-1 tensor of one element (its u is ±1)
         p, g = p.reshape(1), g.reshape(1)
     u, new_state = reference_direction(theta, p, g, state, cfg.orthogonalize)
-    u = u.reshape(()) if scalar else from_reference(u, cfg)
+    u = u.reshape(()) if scalar else from_reference(u, cfg, param.shape)
     return u, new_state
 
 

@@ -7,8 +7,9 @@ The ``"torch"`` path runs :func:`lopt.celo2.core.learned_direction` and copies i
 back. Both read and write the same state, so checkpoints move freely between backends.
 
 The kernel handles every tensor whose two largest axes are its last two (reference frame):
-matrices, and conv kernels and stacks whose spatial/leading axes are not larger than both
-channel axes. Other tensors take the torch path (same numbers, slower).
+matrices (conv kernels under ``conv_mode="matrix"`` included), and conv kernels and stacks whose
+spatial/leading axes are not larger than both channel axes. Other tensors take the torch path
+(same numbers, slower).
 """
 
 from __future__ import annotations
@@ -187,11 +188,14 @@ def step_learned_(
             if param.dim() == 0:
                 param.add_((d * scale).reshape(()), alpha=-eta * cfg.step_mult)
             else:
-                d, scale = core.from_reference(d, cfg), core.from_reference(scale, cfg)
+                # The scale has one entry per matrix of the frame (per slice, or one for a
+                # conv_mode="matrix" kernel); expanded to the frame it maps back as a view.
+                scale = core.from_reference(scale.expand(ref_shape), cfg, param.shape)
+                d = core.from_reference(d, cfg, param.shape)
                 param.addcmul_(d, scale, value=-eta * cfg.step_mult)
             return
         u = d * scale
-        u = core.from_reference(u.reshape(p.shape) if p.dim() == 0 else u, cfg)
+        u = u.reshape(()) if p.dim() == 0 else core.from_reference(u, cfg, param.shape)
     else:
         u, new_state = core.learned_direction(theta, param, grad, state, cfg)
         for key, value in new_state.items():

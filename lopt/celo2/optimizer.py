@@ -7,6 +7,7 @@ family, the Adam branch and a per-group routing option.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +17,7 @@ from ..architecture import Theta
 from ..core import factored_dims
 from ..shell import LearnedOptimizer, TensorWork
 from . import core, fused
+from .config import Celo2Config
 
 BACKENDS = ("auto", "torch", "cpp", "cuda")
 
@@ -65,6 +67,53 @@ class Celo2(LearnedOptimizer):
                     "backend='torch'"
                 )
         return backend
+
+    def _register_hooks(self) -> None:
+        super()._register_hooks()
+        # Before the base class's checks, which consume the meta-weights record.
+        self.register_load_state_dict_pre_hook(Celo2._check_state_frame, prepend=True)
+
+    @staticmethod
+    def _check_state_frame(opt: Celo2, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Refuse learned state saved under another frame of the rule (``layout``/``conv_mode``).
+
+        The learned state lives in the rule's frame. Under another frame its shapes differ (conv
+        kernels), or match with the axes swapped (square matrices under another layout), and the
+        base class's shape check would blame "other parameters"; this names the field instead.
+        Tensors whose frame the change leaves alone (matrices under another ``conv_mode``, the
+        Adam branch) do not count, so switching ``conv_mode`` on a model without convs resumes.
+        """
+        record = state_dict.get("meta_weights")
+        if not isinstance(record, dict) or record.get("architecture") != type(opt).architecture:
+            return state_dict  # the base class refuses it with the reason
+        saved = record.get("config") if isinstance(record.get("config"), dict) else {}
+        # records written before a field existed carry its default
+        frame = {f: saved.get(f, getattr(Celo2Config, f)) for f in core.FRAME_FIELDS}
+        changed = [f for f in core.FRAME_FIELDS if frame[f] != getattr(opt.config, f)]
+        if not changed:
+            return state_dict
+        try:
+            saved_cfg = dataclasses.replace(opt.config, **frame)
+        except ValueError:
+            saved_cfg = None  # an invalid saved frame: nothing carries over
+        saved_ids = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for index, (pid, p) in enumerate(zip(saved_ids, params)):
+            state = state_dict.get("state", {}).get(pid)
+            if not state or core.is_adam_state(state):
+                continue
+            if saved_cfg is None or not core.same_frame(p.shape, opt.config, saved_cfg):
+                name = type(opt).__name__
+                was = ", ".join(f"{f}={frame[f]!r}" for f in changed)
+                now = ", ".join(f"{f}={getattr(opt.config, f)!r}" for f in changed)
+                raise ValueError(
+                    f"{name}.load_state_dict: the state dict was saved with {was}, this "
+                    f"optimizer has {now}; the learned state of parameter {index} (shape "
+                    f"{tuple(p.shape)}) lives in the rule's frame, which that changes, so it "
+                    f"cannot carry over; build {name} with {was} to resume, or start fresh "
+                    "(skip load_state_dict)"
+                )
+        return state_dict
 
     def _collect(self, group: dict[str, Any]) -> list[TensorWork]:
         if "adam" in group:
