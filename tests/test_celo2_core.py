@@ -572,16 +572,14 @@ def test_vmap_over_lanes_with_conv_kernels(cfg):
                                    want_state["tensors"]["conv"]["m"])  # fmt: skip
 
 
-def test_conv_mode_config_default_json_and_old_records():
+def test_conv_mode_config_default_json_files_and_old_records(tmp_path):
+    import lopt
+
     assert all(cfg.conv_mode == "slices" for cfg in celo2.VARIANTS.values())
     assert celo2.Celo2Config.from_json(MATRIX.to_json()) == MATRIX
     assert MATRIX.to_dict()["conv_mode"] == "matrix"
     old = {k: v for k, v in celo2.CELO2.to_dict().items() if k != "conv_mode"}
     assert celo2.Celo2Config.from_dict(old) == celo2.CELO2
-    assert lopt_resolve({"conv_mode": "matrix"}) == MATRIX
-
-
-def lopt_resolve(options):
-    import lopt
-
-    return lopt.resolve_config("celo2", options)
+    assert lopt.resolve_config("celo2", {"conv_mode": "matrix"}) == MATRIX  # --lopt-option
+    lopt.save_theta(tmp_path / "m.safetensors", random_theta(0), MATRIX)
+    assert lopt.load_theta(tmp_path / "m.safetensors")[1] == MATRIX
