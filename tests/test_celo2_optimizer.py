@@ -375,6 +375,21 @@ def test_matrix_mode_bf16_conv_steps_in_float32(backend):
     torch.testing.assert_close(params[0].float(), ref[0].detach().bfloat16().float())
 
 
+@pytest.mark.cuda
+@needs_cuda
+def test_matrix_mode_cuda_backend_matches_torch_backend_on_the_device():
+    results = []
+    for backend in ("torch", "cuda"):
+        params = [torch.nn.Parameter(p.detach().cuda()) for p in params_of(CONV_SHAPES)]
+        opt = celo2.Celo2(params, make_theta("celo2"), config=matrix_config(), backend=backend)
+        for k in range(3):
+            set_grads(params, 100 + k)
+            opt.step()
+        results.append(params)
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, atol=5e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     "saved, loaded",
     [("slices", "matrix"), ("matrix", "slices")],
