@@ -98,6 +98,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print where one fused Celo2 step of the first set spends its time (torch.profiler)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -125,6 +130,24 @@ def main() -> None:
             print(f"  {m:12s} {t * 1e3:9.1f} ms   {ratios}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if args.profile:
+        profile_step(args.sets[0], device)
+
+
+def profile_step(set_name: str, device: torch.device, rows: int = 15) -> None:
+    """The operators one fused Celo2 step spends its time in, by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step("celo2_fused", make_params(set_name, device))
+    step()  # state allocation outside the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of one fused Celo2 step, {set_name}, sorted by {sort}:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows))
 
 
 if __name__ == "__main__":
