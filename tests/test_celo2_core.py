@@ -578,6 +578,8 @@ def test_conv_mode_config_default_json_files_and_old_records(tmp_path):
     assert all(cfg.conv_mode == "slices" for cfg in celo2.VARIANTS.values())
     assert celo2.Celo2Config.from_json(MATRIX.to_json()) == MATRIX
     assert MATRIX.to_dict()["conv_mode"] == "matrix"
+    summary = lopt.get_architecture("celo2").summary
+    assert "conv kernels as one" in summary(MATRIX) and "conv" not in summary(celo2.CELO2)
     old = {k: v for k, v in celo2.CELO2.to_dict().items() if k != "conv_mode"}
     assert celo2.Celo2Config.from_dict(old) == celo2.CELO2
     assert lopt.resolve_config("celo2", {"conv_mode": "matrix"}) == MATRIX  # --lopt-option

@@ -22,6 +22,8 @@ def init_elo_theta(cfg, generator=None):
 
 def _summary(cfg: Celo2Config) -> str:
     ns = "Newton–Schulz orthogonalised, " if cfg.orthogonalize else ""
+    if cfg.conv_mode == "matrix":
+        ns += "conv kernels as one (in·k, out) matrix, "
     names = f" and names matching {cfg.adam_name_pattern!r}" if cfg.adam_name_pattern else ""
     kind = "AdamW" if cfg.adam_form == "adamw" else "Adam"
     adam = (
