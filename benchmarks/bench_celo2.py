@@ -1,14 +1,16 @@
-"""CPU step time of the Celo2 optimizer against AdamW and Muon on the benchmark parameter sets.
+"""Step time of the Celo2 optimizer against AdamW and Muon on the benchmark parameter sets
+(CPU, or CUDA with ``--device cuda``).
 
     python benchmarks/bench_celo2.py                      # 4M and 25M sets, 2 threads
     python benchmarks/bench_celo2.py --sets 4M --reps 3
-    python benchmarks/bench_celo2.py --device cuda        # the CUDA kernel (benchmarks/gpu_check.sh)
+    python benchmarks/bench_celo2.py --device cuda        # the CUDA kernel (gpu_check.sh)
 
 Every method steps every tensor of the set once per call, through its ``torch.optim`` object:
 
-- Celo2 fused: ``lopt.celo2.Celo2(backend="cpp")`` (``"cuda"`` with ``--device cuda``) (accumulators in place, the compiled
-  features + MLP op, Newton–Schulz as batched GEMMs), the default ``celo2`` config (rank <= 1
-  tensors on its Adam branch, every other tensor through the learned rule).
+- Celo2 fused: ``lopt.celo2.Celo2(backend="cpp")`` (``"cuda"`` with ``--device cuda``;
+  accumulators in place, the compiled features + MLP op, Newton–Schulz as batched GEMMs), the
+  default ``celo2`` config (rank <= 1 tensors on its Adam branch, every other tensor through the
+  learned rule; ``--conv-mode matrix`` treats conv kernels as one matrix each).
 - Celo2 torch: the same optimizer on the pure-torch backend.
 - AdamW: ``torch.optim.AdamW(foreach=True)`` on every tensor.
 - Muon: ``torch.optim.Muon`` on the 2-D tensors and ``AdamW(foreach=True)`` on the rest (Muon
@@ -21,6 +23,7 @@ Times are the minimum over ``--reps`` rounds, methods interleaved round by round
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -49,13 +52,14 @@ def make_params(set_name: str, device: torch.device, seed: int = 0) -> list[torc
     return params
 
 
-def make_step(method: str, params: list[torch.nn.Parameter]):
+def make_step(method: str, params: list[torch.nn.Parameter], conv_mode: str = "slices"):
     if method.startswith("celo2"):
         arch = lopt.get_architecture("celo2")
-        theta = arch.init_theta(arch.preset(), torch.Generator().manual_seed(0))
+        cfg = dataclasses.replace(arch.preset(), conv_mode=conv_mode)
+        theta = arch.init_theta(cfg, torch.Generator().manual_seed(0))
         fused_backend = "cuda" if params[0].is_cuda else "cpp"
         backend = fused_backend if method == "celo2_fused" else "torch"
-        opts = [celo2.Celo2(params, theta, backend=backend)]
+        opts = [celo2.Celo2(params, theta, config=cfg, backend=backend)]
     elif method == "adamw":
         opts = [torch.optim.AdamW(params, lr=1e-3, foreach=True)]
     else:
@@ -71,13 +75,13 @@ def make_step(method: str, params: list[torch.nn.Parameter]):
 
 
 def time_set(
-    set_name: str, reps: int, methods: tuple[str, ...], device: torch.device
+    set_name: str, reps: int, methods: tuple[str, ...], device: torch.device, conv_mode: str
 ) -> dict[str, float]:
     # On CUDA the clock stops only after the queued kernels have finished.
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     steps = {}
     for method in methods:
-        steps[method] = make_step(method, make_params(set_name, device))
+        steps[method] = make_step(method, make_params(set_name, device), conv_mode)
         steps[method]()  # warm-up: state allocation, kernel load
     sync()
     best = {m: float("inf") for m in methods}
@@ -97,11 +101,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--conv-mode",
+        choices=["slices", "matrix"],
+        default="slices",
+        help="Celo2's treatment of conv kernels: per spatial slice (the reference) or one matrix",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also print where one fused Celo2 step of the first set spends its time (torch.profiler)",
+        help="also print where one fused Celo2 step of the first set spends its time",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,17 +119,17 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device")
     if "celo2_fused" in args.methods and not celo2.fused.op_is_available(device.type):
-        sys.exit(
-            f"the compiled Celo2 kernel is unavailable ({celo2.fused.unavailable_reason(device.type)});"
-            " run `python -m lopt.kernels build`"
-        )
-    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, best of {args.reps}")
+        reason = celo2.fused.unavailable_reason(device.type)
+        sys.exit(f"the compiled Celo2 kernel is unavailable ({reason}); see python -m lopt.kernels")
+    on_gpu = device.type == "cuda"
+    where = torch.cuda.get_device_name() if on_gpu else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, best of {args.reps}, conv_mode={args.conv_mode}")
     results = []
     for set_name in args.sets:
-        best = time_set(set_name, args.reps, tuple(args.methods), device)
+        best = time_set(set_name, args.reps, tuple(args.methods), device, args.conv_mode)
         n = numel(PARAM_SETS[set_name]())
-        row = {"set": set_name, "device": args.device, "numel": n, "seconds": best}
+        row = {"set": set_name, "device": args.device, "conv_mode": args.conv_mode, "numel": n}
+        row["seconds"] = best
         for base in ("muon", "adamw"):
             if base in best:
                 row[f"ratio_to_{base}"] = {m: best[m] / best[base] for m in best}
@@ -131,14 +141,14 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.profile:
-        profile_step(args.sets[0], device)
+        profile_step(args.sets[0], device, args.conv_mode)
 
 
-def profile_step(set_name: str, device: torch.device, rows: int = 15) -> None:
+def profile_step(set_name: str, device: torch.device, conv_mode: str, rows: int = 15) -> None:
     """The operators one fused Celo2 step spends its time in, by self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = make_step("celo2_fused", make_params(set_name, device))
+    step = make_step("celo2_fused", make_params(set_name, device), conv_mode)
     step()  # state allocation outside the profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:

@@ -5,7 +5,8 @@
 # 2. runs every CUDA parity / opcheck test: small_fc_lopt (tests/test_kernels_cuda.py), Celo2 and
 #    VeLO kernels, and the non-finite policy on the cuda backend (test names containing "cuda"),
 # 3. benchmarks a ViT-B/16-sized small_fc_lopt step: naive torch vs fused CUDA vs AdamW(fused=True),
-# 4. benchmarks the Celo2 step on the 4M and 25M sets on the GPU against AdamW and torch.optim.Muon.
+# 4. benchmarks the Celo2 step on the 4M and 25M sets on the GPU against AdamW and torch.optim.Muon
+#    (conv kernels per slice, then as matrices with a profile of one step).
 # A failing stage does not stop the later ones; the script exits non-zero if any failed.
 # Everything runs offline; results go to stdout (and $OUT/gpu_check.txt when $OUT is set).
 set -uo pipefail
@@ -35,6 +36,8 @@ stage() {  # stage NAME COMMAND...: run it, remember a failure, go on
         tests/test_velo_kernels.py tests/test_nonfinite.py -k cuda -q -p no:cacheprovider -rs
     stage bench_small_fc python benchmarks/bench_kernels_gpu.py --hidden 32 4
     stage bench_celo2 python benchmarks/bench_celo2.py --device cuda --sets 4M 25M --reps 20
+    stage bench_celo2_matrix python benchmarks/bench_celo2.py --device cuda --sets 4M 25M --reps 20 \
+        --conv-mode matrix --profile
     if [ ${#failed[@]} -gt 0 ]; then echo "FAILED stages: ${failed[*]}"; else echo "all stages passed"; fi
     [ ${#failed[@]} -eq 0 ]
 } 2>&1 | tee "$log"
