@@ -7,7 +7,11 @@ One entry, one card: the run's exact command, seed, wall time and config (from t
 the quality-against-meta-training-time curve (``heldout.jsonl``, ``heldout.png``, written by
 ``python -m metatrain.heldout RUN_DIR``), and every suite report given (the first is the main
 one; e.g. a reduced-setting run and a long-horizon run). Each suite report must have evaluated
-exactly these weights.
+exactly these weights: the same θ and, when the report records it, the same config.
+
+``--lopt-option KEY=VALUE`` (repeatable) publishes the run's θ under a changed config, for fields
+that change how the rule is applied rather than what was learned (e.g. ``conv_mode=matrix`` for
+Celo2: the meta-training tasks had no convolutions); the suites must have evaluated that config.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
+import lopt
 import zoo
+from metatrain.config import key_value_option
 from metatrain.evaluation.source import resolve_optimizer
 from metatrain.generalisation.write import suite_card_metrics
 from metatrain.heldout import plot_curve, read_curve
@@ -30,10 +36,26 @@ def main() -> None:
     parser.add_argument("--version", default=None)
     parser.add_argument("--root", type=Path, default=None, help="zoo root (default: user zoo)")
     parser.add_argument("--description", type=Path, help="markdown put at the top of the card")
+    parser.add_argument(
+        "--lopt-option",
+        type=key_value_option("--lopt-option"),
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="publish under the run's config with this field changed (repeatable)",
+    )
     args = parser.parse_args()
 
     source = resolve_optimizer(str(args.run_dir))
+    config = source.config
+    if args.lopt_option:
+        try:
+            config = lopt.resolve_config(config, dict(args.lopt_option))
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"error: --lopt-option: {err}") from None
     meta = dict(source.provenance)
+    if config != source.config:
+        meta["config_changed_from_run"] = dict(args.lopt_option)
     record = json.loads((args.run_dir / "config.json").read_text())
     if record.get("init_from"):
         meta["init_from"] = record["init_from"]
@@ -56,6 +78,13 @@ def main() -> None:
         sha = identity.get("theta_sha256") if isinstance(identity, dict) else None
         if sha is not None and sha != source.sha256:
             raise SystemExit(f"error: {suite_dir} evaluated other weights than {args.run_dir}")
+        evaluated = identity.get("config") if isinstance(identity, dict) else None
+        if evaluated is not None and evaluated != _spec_config(config):
+            raise SystemExit(
+                f"error: {suite_dir} evaluated these weights under another config than the one "
+                f"published ({evaluated} vs {_spec_config(config)}); pass the --lopt-option "
+                "values that evaluation used"
+            )
         label = "suite" if i == 0 else f"suite{i + 1}"
         metrics.update(suite_card_metrics(report, label, test_loss=True))
         suites.append(
@@ -78,7 +107,7 @@ def main() -> None:
         meta["description"] = args.description.read_text()
     entry = zoo.publish(
         source.theta,
-        source.config,
+        config,
         args.name,
         version=args.version,
         meta=meta,
@@ -86,6 +115,11 @@ def main() -> None:
         root=args.root,
     )
     print(f"published {entry.ref} to {entry.path}")
+
+
+def _spec_config(config) -> dict:
+    """``config`` as the suite's optimizer identity records it."""
+    return json.loads(json.dumps(config.to_dict()))
 
 
 if __name__ == "__main__":
