@@ -295,12 +295,20 @@ def test_cuda_kernel_direction_matches_the_core(shape, orthogonalize):
 @needs_cuda
 @pytest.mark.parametrize("name", ["celo2", "pylo_celo2", "elo"])
 def test_cuda_backend_matches_torch_backend_on_the_device(name):
-    shapes = SHAPES + [(5, 5, 3, 2), (64, 33)]
+    optimizer = lopt.get_architecture(name).optimizer
+    assert_cuda_matches_torch(
+        lambda params, backend: optimizer(params, make_theta(name), backend=backend),
+        SHAPES + [(5, 5, 3, 2), (64, 33)],
+    )
+
+
+def assert_cuda_matches_torch(make_optimizer, shapes, steps=3):
+    """The same 3 steps on the device through the torch backend and the cuda backend agree."""
     results = []
     for backend in ("torch", "cuda"):
         params = [torch.nn.Parameter(p.detach().cuda()) for p in params_of(shapes)]
-        opt = lopt.get_architecture(name).optimizer(params, make_theta(name), backend=backend)
-        for k in range(3):
+        opt = make_optimizer(params, backend)
+        for k in range(steps):
             set_grads(params, 100 + k)
             opt.step()
         results.append(params)
@@ -378,16 +386,12 @@ def test_matrix_mode_bf16_conv_steps_in_float32(backend):
 @pytest.mark.cuda
 @needs_cuda
 def test_matrix_mode_cuda_backend_matches_torch_backend_on_the_device():
-    results = []
-    for backend in ("torch", "cuda"):
-        params = [torch.nn.Parameter(p.detach().cuda()) for p in params_of(CONV_SHAPES)]
-        opt = celo2.Celo2(params, make_theta("celo2"), config=matrix_config(), backend=backend)
-        for k in range(3):
-            set_grads(params, 100 + k)
-            opt.step()
-        results.append(params)
-    for p, q in zip(*results):
-        torch.testing.assert_close(p, q, atol=5e-6, rtol=0)
+    assert_cuda_matches_torch(
+        lambda params, backend: celo2.Celo2(
+            params, make_theta("celo2"), config=matrix_config(), backend=backend
+        ),
+        CONV_SHAPES,
+    )
 
 
 @pytest.mark.parametrize(
