@@ -28,7 +28,7 @@ from metatrain.generalisation.write import suite_card_metrics
 from metatrain.heldout import plot_curve, read_curve
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("suite_dirs", type=Path, nargs="+")
@@ -44,7 +44,7 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="publish under the run's config with this field changed (repeatable)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     source = resolve_optimizer(str(args.run_dir))
     config = source.config
