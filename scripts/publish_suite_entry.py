@@ -60,7 +60,6 @@ def main(argv: list[str] | None = None) -> None:
     if record.get("init_from"):
         meta["init_from"] = record["init_from"]
     curve = read_curve(args.run_dir)
-    png = plot_curve(args.run_dir)
     metrics: dict[str, dict[str, str]] = {
         f"held-out at step {x['step']} ({x['elapsed_s'] / 60:.1f} min)": {
             "learned final train loss": f"{x['heldout_train_loss']:.4g}",
@@ -70,15 +69,19 @@ def main(argv: list[str] | None = None) -> None:
         }
         for x in curve
     }
-    attachments = {"heldout.png": png, "heldout.jsonl": args.run_dir / "heldout.jsonl"}
+    attachments = {"heldout.jsonl": args.run_dir / "heldout.jsonl"}
     suites = []
     for i, suite_dir in enumerate(args.suite_dirs):
         report = json.loads((suite_dir / "suite.json").read_text())
         identity = report["config"]["optimizer_spec"]["identity"]
-        sha = identity.get("theta_sha256") if isinstance(identity, dict) else None
-        if sha is not None and sha != source.sha256:
+        if not isinstance(identity, dict) or identity.get("optimizer") != "lopt":
+            raise SystemExit(
+                f"error: {suite_dir} evaluated a baseline ({report['config']['optimizer']}), "
+                f"not the learned weights of {args.run_dir}"
+            )
+        if identity.get("theta_sha256") != source.sha256:
             raise SystemExit(f"error: {suite_dir} evaluated other weights than {args.run_dir}")
-        evaluated = identity.get("config") if isinstance(identity, dict) else None
+        evaluated = identity.get("config")
         if evaluated is not None and evaluated != _spec_config(config):
             raise SystemExit(
                 f"error: {suite_dir} evaluated these weights under another config than the one "
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
                 attachments[f"{label}_{extra}"] = suite_dir / extra
         for png_path in sorted(suite_dir.glob("curves_*.png")):
             attachments[f"{label}_{png_path.name}"] = png_path
+    # Drawn after every report passed its checks: a refused publish leaves the run dir as it was.
+    attachments["heldout.png"] = plot_curve(args.run_dir)
     meta.update(metrics=metrics, generalisation_suite=suites)
     if args.description:
         meta["description"] = args.description.read_text()

@@ -10,13 +10,14 @@ import tasks
 import zoo
 
 ENTRIES = ["small_fc_lopt/mixture_8x8", "celo2/mixture_8x8"]
+LATEST = {"small_fc_lopt/mixture_8x8": "1.0.1", "celo2/mixture_8x8": "1.1.0"}
 
 
 @pytest.mark.parametrize("name", ENTRIES)
 def test_bundled_mixture_entry_verifies_and_records_its_run(name, monkeypatch, tmp_path):
     monkeypatch.setenv("LOZOO_ZOO", str(tmp_path / "empty-user-zoo"))
     entry = zoo.load(name)
-    assert entry.bundled and entry.ref == f"{name}:1.0.0"
+    assert entry.bundled and entry.ref == f"{name}:{LATEST[name]}"
     assert [r.ok for r in zoo.verify(name)] == [True]
     meta = entry.meta
     assert meta["task_family"] == "mlp_mnist,mlp_fashion_mnist,mlp_digits"
@@ -24,6 +25,18 @@ def test_bundled_mixture_entry_verifies_and_records_its_run(name, monkeypatch, t
     assert meta["metatrain_config"]["task_option"]["reparam_scale"] == [1e-3, 1e3]
     for key in ("heldout.png", "heldout.jsonl", "suite.json", "suite_table.md"):
         assert key in meta["files"], key
+    # the card's main suite is the full-horizon one, 3 seeds
+    assert meta["generalisation_suite"][0]["steps_scale"] == 1.0
+    assert meta["generalisation_suite"][0]["seeds"] == 3
+
+
+def test_the_default_celo2_entry_treats_conv_kernels_as_matrices(monkeypatch, tmp_path):
+    """1.1.0 is 1.0.0's θ with conv_mode='matrix'; the card records the change from the run."""
+    monkeypatch.setenv("LOZOO_ZOO", str(tmp_path / "empty-user-zoo"))
+    new, old = zoo.load("celo2/mixture_8x8"), zoo.load("celo2/mixture_8x8:1.0.0")
+    assert new.config.conv_mode == "matrix" and old.config.conv_mode == "slices"
+    assert new.theta_sha256 == old.theta_sha256
+    assert new.meta["config_changed_from_run"] == {"conv_mode": "matrix"}
 
 
 @pytest.mark.parametrize("name", ENTRIES)

@@ -141,12 +141,20 @@ def test_lopt_option_publishes_the_same_theta_under_the_evaluated_config(script,
     ("evaluated", "options", "message"),
     [
         ("other weights", [], "evaluated other weights than "),
+        ("adamw", [], "evaluated a baseline (adamw), not the learned weights of "),
         ("matrix", [], "evaluated these weights under another config than the one published"),
         ("run", ["conv_mode=matrix"], "under another config than the one published"),
         ("run", ["conv_mode=flat"], "--lopt-option: conv_mode must be one of 'slices', 'matrix'"),
         ("run", ["no_such_field=1"], "unknown Celo2 config keys ['no_such_field']; valid keys"),
     ],
-    ids=["other-weights", "other-config", "option-not-evaluated", "bad-value", "unknown-key"],
+    ids=[
+        "other-weights",
+        "baseline",
+        "other-config",
+        "option-not-evaluated",
+        "bad-value",
+        "unknown-key",
+    ],
 )
 def test_refusals_name_the_problem_and_write_nothing(
     script, run_dir, tmp_path, evaluated, options, message
@@ -160,7 +168,12 @@ def test_refusals_name_the_problem_and_write_nothing(
         ref = _weights_file(tmp_path / "matrix.safetensors", theta, _matrix(config))
     else:
         ref = run_dir
-    suite = _suite_of(tmp_path / "suite", ref)
+    if evaluated == "adamw":
+        suite = write_report(tmp_path / "suite", resolve_spec("adamw"), None)
+    else:
+        suite = _suite_of(tmp_path / "suite", ref)
+    curve_png = run_dir / "heldout.png"
+    before = curve_png.stat().st_mtime_ns if curve_png.exists() else None
     root = tmp_path / "zoo"
     argv = [str(run_dir), suite, "--name", NAME, "--root", str(root)]
     for option in options:
@@ -173,3 +186,5 @@ def test_refusals_name_the_problem_and_write_nothing(
         assert "'conv_mode': 'matrix'" in text and "'conv_mode': 'slices'" in text
         assert "pass the --lopt-option values that evaluation used" in text
     assert _is_empty(root)
+    after = curve_png.stat().st_mtime_ns if curve_png.exists() else None
+    assert after == before  # a refused publish leaves the run dir as it was
