@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import lopt
 import tasks
 import zoo
+from tests.task_training import sample_problem, train_losses
 
 ENTRIES = ["small_fc_lopt/mixture_8x8", "celo2/mixture_8x8"]
 LATEST = {"small_fc_lopt/mixture_8x8": "1.0.1", "celo2/mixture_8x8": "1.1.0"}
@@ -45,22 +45,10 @@ def test_bundled_mixture_entry_trains_the_digits_task(name, monkeypatch, tmp_pat
     monkeypatch.setenv("LOZOO_ZOO", str(tmp_path / "empty-user-zoo"))
     entry = zoo.load(name)
     family = tasks.get_family("mlp_digits", depth=1, width=32, batch_size=64, activations="relu")
-    gen = torch.Generator().manual_seed(0)
-    static = family.sample_static(gen)
-    task = family.make_task(static)
-    lane = family.sample_lane(gen, static)
-    params = {k: v.clone().requires_grad_(True) for k, v in task.init(gen, lane).items()}
+    task, lane, params = sample_problem(family, 0)
     arch = lopt.architecture_of(entry.config)
     lr = 3.0 if arch.name == "celo2" else 1.0  # Celo2's lr 1 is a 1e-3 RMS step
     opt = arch.optimizer(params.values(), entry.theta, entry.config, lr=lr)
-    stream = task.batches("train", 1, 0)
-    losses = []
-    for _ in range(150):
-        batch = {k: v[0] for k, v in next(stream).items()}
-        loss = task.loss(params, batch, lane)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(task, lane, params, opt, steps=150, data_seed=0)
     assert losses[0] > 2.0
     assert sum(losses[-20:]) / 20 < 0.5

@@ -10,6 +10,7 @@ import torch
 import lopt
 import tasks
 import zoo
+from tests.task_training import sample_problem, train_losses
 from zoo import store
 
 
@@ -33,21 +34,9 @@ def test_bundled_optimizer_trains_the_canonical_fashion_mnist_task(seed, monkeyp
     (tuned Adam reaches ~0.6 at this point); the bound leaves room for BLAS rounding."""
     monkeypatch.setenv("LOZOO_ZOO", str(tmp_path / "empty-user-zoo"))
     family = tasks.get_family("mlp_fashion_mnist", canonical=True)
-    gen = torch.Generator().manual_seed(seed)
-    static = family.sample_static(gen)
-    task = family.make_task(static)
-    lane = family.sample_lane(gen, static)
-    params = {k: v.clone().requires_grad_(True) for k, v in task.init(gen, lane).items()}
+    task, lane, params = sample_problem(family, seed)
     assert sum(p.numel() for p in params.values()) == 2410
     opt = lopt.SmallFCLOpt(params.values())
-    stream = task.batches("train", 1, seed)
-    losses = []
-    for _ in range(200):
-        batch = {k: v[0] for k, v in next(stream).items()}
-        loss = task.loss(params, batch, lane)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(task, lane, params, opt, steps=200, data_seed=seed)
     assert losses[0] > 2.2
     assert sum(losses[-20:]) / 20 < 0.8
