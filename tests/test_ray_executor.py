@@ -113,20 +113,27 @@ class KillWorkerDuringStep(RayExecutor):
         return result
 
 
-def test_worker_killed_mid_step_is_restarted_and_the_run_continues(ray_session, tmp_path, caplog):
+def run_with_worker_0_killed_at_step_3(tmp_path, caplog, **overrides):
+    """A run whose worker 0 is killed mid-step 3; its result and per-step metrics."""
     # 100 inner steps (0.3-1 s of work) per outer step: a kill 0.05 s in lands mid-computation.
     cfg = tiny(
         tmp_path / "run",
         truncation_length=100,
         trajectory_length=400,
         min_trajectory_length=100,
-        outer_steps=16,
-        checkpoint_every=4,
+        **overrides,
     )
     executor = KillWorkerDuringStep(cfg, at=3, delay_s=0.05)
     with caplog.at_level(logging.WARNING, logger="lozoo.metatrain.ray"):
         result = train(cfg, executor=executor)
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return result, lines
+
+
+def test_worker_killed_mid_step_is_restarted_and_the_run_continues(ray_session, tmp_path, caplog):
+    result, lines = run_with_worker_0_killed_at_step_3(
+        tmp_path, caplog, outer_steps=16, checkpoint_every=4
+    )
     assert [x["step"] for x in lines] == list(range(16))
     by_step = {x["step"]: (x["gradients"], x["worker_failures"]) for x in lines}
     assert by_step[3] == (1, 1), "the killed worker's in-flight result must be dropped"
@@ -143,19 +150,13 @@ def test_worker_killed_mid_step_is_restarted_and_the_run_continues(ray_session, 
 @pytest.mark.slow
 def test_async_mode_goes_on_while_a_killed_worker_is_down(ray_session, tmp_path, caplog):
     # The async pipeline must not wait for a down worker either, and must take it back.
-    cfg = tiny(
-        tmp_path / "run",
+    result, lines = run_with_worker_0_killed_at_step_3(
+        tmp_path,
+        caplog,
         mode="async",
-        truncation_length=100,
-        trajectory_length=400,
-        min_trajectory_length=100,
         outer_steps=40,  # one live worker does ~0.3 s steps; its peer restarts in seconds
         checkpoint_every=0,
     )
-    executor = KillWorkerDuringStep(cfg, at=3, delay_s=0.05)
-    with caplog.at_level(logging.WARNING, logger="lozoo.metatrain.ray"):
-        result = train(cfg, executor=executor)
-    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(40))
     assert any(x["workers_live"] == 1 for x in lines), "the down worker must leave workers_live"
     assert all(x["gradients"] == x["workers_live"] for x in lines)
