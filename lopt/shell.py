@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -112,6 +113,13 @@ class LearnedOptimizer(Optimizer):
     """Registry name of the architecture this shell runs (set by every subclass)."""
     default_weights: ClassVar[str | None] = None
     """Zoo reference loaded for ``weights=None`` (``None``: weights are required)."""
+    io_group_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    """Param-group options for a model's input and output matrices (embeddings, output heads).
+
+    A harness that knows which matrices are hidden (as Muon setups do, handing the rest to AdamW)
+    puts the others in a group with these options. Empty (the default): the architecture has
+    no distinct treatment for them and they take the learned rule like every other tensor.
+    """
 
     def __init__(
         self,

@@ -132,3 +132,50 @@ def test_muon_orthogonalises_conv_kernels_as_matrices():
     assert not result.diverged
     assert result.train_loss[-1] < result.train_loss[0]
     assert heldout.data_fingerprint(problem.make_task()).startswith("fashion_mnist:")
+
+
+def _seeded_spec(arch: str, tmp_path):
+    import lopt
+
+    cfg = lopt.get_architecture(arch).preset()
+    theta = lopt.get_architecture(arch).init_theta(cfg, generator=torch.Generator().manual_seed(0))
+    return resolve_spec(str(lopt.save_theta(tmp_path / f"{arch}.safetensors", theta, cfg)))
+
+
+def _adam_routed(arch: str, problem_name: str, tmp_path) -> dict[str, bool]:
+    """Which tensors the suite's optimizer for ``arch`` puts on the Adam branch after one step."""
+    from lopt.celo2 import core as celo2_core
+
+    task = get_problem(problem_name).make_task()
+    named = {n: torch.zeros(s, requires_grad=True) for n, s in task.param_shapes().items()}
+    opt = _seeded_spec(arch, tmp_path).build(named, hidden_matrices(task), RunConfig(1.0), 10)
+    for t in named.values():
+        t.grad = torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel()))
+    opt.step()
+    return {n: celo2_core.is_adam_state(opt.state[t]) for n, t in named.items()}
+
+
+def test_celo2_gets_muons_split_embeddings_and_heads_take_its_adam_branch(tmp_path):
+    routed = _adam_routed("celo2", "text_transformer", tmp_path)
+    task = get_problem("text_transformer").make_task()
+    hidden = set(hidden_matrices(task))
+    assert {"embed.weight", "pos.weight", "head.weight"} <= {n for n, a in routed.items() if a}
+    for name in task.param_shapes():
+        # hidden matrices take the learned rule; everything Muon leaves to AdamW takes Adam
+        assert routed[name] == (name not in hidden), name
+    assert all(routed[n] for n, s in task.param_shapes().items() if len(s) <= 1)
+
+
+def test_celo2_base_has_no_adam_branch_for_the_suite_to_route_to(tmp_path):
+    routed = _adam_routed("celo2_base", "fmnist_mlp", tmp_path)
+    assert not any(routed.values())
+
+
+@pytest.mark.parametrize(
+    ("arch", "io_group"),
+    [("celo2", {"adam": True}), ("celo2_base", None), ("small_fc_lopt", None)],
+)
+def test_a_learned_optimizers_group_options_are_part_of_its_cache_identity(
+    arch, io_group, tmp_path
+):
+    assert _seeded_spec(arch, tmp_path).identity.get("io_group") == io_group

@@ -8,6 +8,8 @@ family, the Adam branch and a per-group routing option.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -54,6 +56,9 @@ class Celo2(LearnedOptimizer):
     """
 
     architecture: ClassVar[str] = "celo2"
+    io_group_options: ClassVar[Mapping[str, Any]] = MappingProxyType({"adam": True})
+    """Embeddings and the output head take the Adam branch: the paper's "distinct rules for
+    input-output and hidden weights" at deployment (docs/design/celo2.md, "Routing")."""
 
     @classmethod
     def check_backend(cls, backend: str) -> str:
@@ -165,6 +170,7 @@ class Celo2Base(Celo2):
     """Celo2-base: the learned rule on every tensor, no orthogonalisation (see :class:`Celo2`)."""
 
     architecture: ClassVar[str] = "celo2_base"
+    io_group_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})  # no Adam branch
 
 
 class PyloCelo2(Celo2):

@@ -13,11 +13,14 @@ the suite trains exactly as a user would:
 * a learned optimizer (zoo reference, run dir or ``.safetensors`` file) of any architecture in
   ``lopt``'s registry: that architecture's ``torch.optim`` shell with the meta-weights; "lr"
   multiplies the learned step (centre 1.0) and weight decay is decoupled, ``p·(1 − lr·wd)``.
+  Where the architecture treats input and output matrices apart
+  (:attr:`lopt.LearnedOptimizer.io_group_options`; Celo2's Adam branch), it gets Muon's split:
+  the matrices Muon leaves to AdamW form a group with those options.
 
 Schedules set every param group's ``lr`` before each step (the runner), which is what
 ``LambdaLR`` does, for any object with ``param_groups``. The identity of an
 optimizer (:attr:`OptimizerSpec.key`) is part of the result-cache key: the baseline's name and
-fixed hyper-parameters, or the learned optimizer's meta-weights hash and config.
+fixed hyper-parameters, or the learned optimizer's meta-weights hash, config and group options.
 """
 
 from __future__ import annotations
@@ -107,11 +110,34 @@ class OptimizerSpec:
             others = [t for n, t in named.items() if n not in hidden]
             opt = MuonWithAdamW(matrices, others, cfg.lr, cfg.weight_decay)
         else:
-            opt = _learned(self.source, params, cfg, steps)
+            opt = _learned(self.source, _learned_groups(self.source, named, hidden), cfg, steps)
         return opt
 
 
-def _learned(source: Any, params: list[Tensor], cfg: RunConfig, steps: int) -> Any:
+def _io_group_options(source: Any) -> dict[str, Any]:
+    import lopt
+
+    return dict(lopt.architecture_of(source.config).optimizer.io_group_options)
+
+
+def _learned_groups(
+    source: Any, named: Mapping[str, Tensor], hidden: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The learned optimizer's param groups: the split Muon gets, where the architecture has one.
+
+    Matrices outside ``hidden`` (embeddings, output heads) form a group with the architecture's
+    :attr:`lopt.LearnedOptimizer.io_group_options` (Celo2: its Adam branch, as the paper deploys
+    it); an architecture without such options gets every tensor in one group.
+    """
+    options = _io_group_options(source)
+    if not options:
+        return [{"params": list(named.values())}]
+    io = [t for n, t in named.items() if n not in hidden and t.dim() >= 2]
+    rest = [t for n, t in named.items() if n in hidden or t.dim() < 2]
+    return [{"params": rest}] + ([{"params": io, **options}] if io else [])
+
+
+def _learned(source: Any, params: list[dict[str, Any]], cfg: RunConfig, steps: int) -> Any:
     """The learned optimizer through lozoo's public ``lopt`` API: its architecture's shell.
 
     Any registered architecture works (small_fc_lopt, mlp_lopt, VeLO, Celo-style ...): the
@@ -161,4 +187,7 @@ def resolve_spec(ref: str) -> OptimizerSpec:
         "theta_sha256": source.sha256,
         "config": source.config.to_dict(),
     }
+    io_options = _io_group_options(source)
+    if io_options:  # results under another routing are other results (the cache key)
+        identity["io_group"] = io_options
     return OptimizerSpec(source.resolved, "learned", 1.0, identity, source)
