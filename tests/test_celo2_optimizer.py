@@ -155,6 +155,30 @@ def test_group_option_routes_to_adam_or_to_the_rule():
         bad.step()
 
 
+def test_named_parameters_route_by_the_configs_name_pattern_and_match_the_functional_update():
+    shapes = {"embed.weight": (10, 4), "pos_embed": (6, 4), "body.weight": (5, 4), "body.b": (5,)}
+    named = dict(zip(shapes, params_of(list(shapes.values()))))
+    start = {n: p.detach().clone() for n, p in named.items()}
+    opt = celo2.Celo2(named.items(), make_theta("celo2"), backend="torch", lr=0.5)
+    state = celo2.init_state(start, celo2.CELO2)
+    params = start
+    for k in range(3):
+        set_grads(named.values(), 100 + k)
+        opt.step()
+        grads = {n: p.grad for n, p in named.items()}
+        params, state = celo2.update(make_theta("celo2"), state, params, grads, celo2.CELO2, lr=0.5)
+    adam = {n for n, p in named.items() if core.is_adam_state(opt.state[p])}
+    assert adam == {"embed.weight", "pos_embed", "body.b"}  # "embed" anywhere in the name
+    for n, p in named.items():
+        torch.testing.assert_close(p.detach(), params[n], atol=1e-6, rtol=1e-6)
+    # an explicit group option overrides the name: the embedding takes the learned rule
+    emb = params_of([(10, 4)])[0]
+    forced = celo2.Celo2([{"params": [("embed.weight", emb)], "adam": False}], make_theta("celo2"))
+    set_grads([emb], 0)
+    forced.step()
+    assert not core.is_adam_state(forced.state[emb])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_rank_0_to_4_and_tied_shapes_step_finitely(name):
     params, opt = run(name, SHAPES + [(2, 2, 2, 2)], steps=2, backend="torch")

@@ -45,9 +45,11 @@ class Celo2(LearnedOptimizer):
 
     Tensors of rank <= 1 and parameters whose group sets ``adam=True`` take the Adam branch (as
     the config routes them); ``adam=False`` in a group forces the learned rule. Embeddings are
-    recognised by name only in the functional :func:`lopt.celo2.update`; the optimizer sees no
-    names, so put them in a group with ``adam=True``::
+    recognised by name (the config's ``adam_name_pattern``, ``"embed"``) when the optimizer is
+    built from ``model.named_parameters()``; with bare tensors it sees no names, so put them, and
+    an untied output head, in a group with ``adam=True``::
 
+        Celo2(model.named_parameters(), theta)
         Celo2([{"params": body}, {"params": model.embed.parameters(), "adam": True}], theta)
 
     Args: as :class:`lopt.LearnedOptimizer`; ``backend`` is ``"auto"`` (the compiled kernel of
@@ -126,11 +128,19 @@ class Celo2(LearnedOptimizer):
                 raise ValueError(
                     f"param group option 'adam' must be True or False, got {group['adam']!r}"
                 )
-            for p in group["params"]:
-                if p.grad is not None and len(self.state[p]) == 0:
-                    state = self.state[p]
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state.update(core.init_tensor_state(p, self.config, adam=group["adam"]))
+            branches = [group["adam"]] * len(group["params"])
+        elif "param_names" in group:  # built from named_parameters(): route as the config says
+            branches = [
+                core.routes_to_adam(name, p.shape, self.config)
+                for name, p in zip(group["param_names"], group["params"])
+            ]
+        else:
+            branches = [None] * len(group["params"])  # by rank (the base class's default)
+        for p, adam in zip(group["params"], branches):
+            if adam is not None and p.grad is not None and len(self.state[p]) == 0:
+                state = self.state[p]
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state.update(core.init_tensor_state(p, self.config, adam=adam))
         return super()._collect(group)
 
     def _args_on(self, device: torch.device) -> list[torch.Tensor]:
