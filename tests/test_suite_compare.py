@@ -124,6 +124,32 @@ def test_goal_verdicts_margins_and_the_exact_test_loss_bound(tmp_path):
     assert "**FAIL** (3 of 4 within; over on digits_mlp)" in result.markdown
 
 
+def test_check_exits_1_naming_every_unmet_goal_and_0_when_all_are_met(tmp_path, capsys):
+    ref = {n: Side(test=(0.5, 0.5)) for n in CORE_PROBLEMS}
+    good = {n: Side(train=(0.1, 0.1), test=(0.5, 0.5)) for n in CORE_PROBLEMS}
+    muon = {n: Side(train=(0.2, 0.2)) for n in CORE_PROBLEMS}
+    lo = write_report(tmp_path / "lo", LEARNED, good, reference=ref)
+    mu = write_report(tmp_path / "muon", MUON, muon, reference=ref)
+    args = ["--compare", str(lo), str(mu), "--baseline", "muon"]
+    rc, out, err = cli([*args, "--check"], capsys)
+    assert rc == 0 and "goals not met" not in err
+    assert "(d) vs muon: lower final train loss on **4 of 4** (4 wins, 0 ties, 0 losses)" in out
+    assert "goal ≥ 2: met" in out
+    # one test loss over the bound, and muon beaten on only 1 problem
+    bad = dict(good, digits_mlp=Side(train=(0.1, 0.1), test=(0.6, 0.6)))
+    for name in ("fmnist_mlp", "fmnist_conv", "text_transformer"):
+        bad[name] = Side(train=(0.3, 0.3), test=(0.5, 0.5))
+    lo = write_report(tmp_path / "lo2", LEARNED, bad, reference=ref)
+    rc, out, err = cli(["--compare", str(lo), str(mu), "--baseline", "muon", "--check"], capsys)
+    assert rc == 1 and "goal ≥ 2: missed" in out
+    assert err.strip() == (
+        "python -m metatrain.eval: goals not met: celo2/test:1.0.0: (c) FAIL; "
+        "celo2/test:1.0.0: (d) vs muon 1 wins < 2"
+    )
+    # without --check the same comparison exits 0: the table is the product
+    assert cli(args[:1] + [str(lo), str(mu), "--baseline", "muon"], capsys)[0] == 0
+
+
 def test_ties_are_not_wins_including_two_zero_losses(tmp_path):
     ref = {"digits_mlp": Side(train=(0.0, 0.0)), "fmnist_mlp": Side(train=(0.3, 0.3))}
     learned = {

@@ -208,6 +208,12 @@ def build_compare_parser() -> argparse.ArgumentParser:
         "(the differences are listed under the table)",
     )
     add("--out", default=None, metavar="FILE.md", help="also write the Markdown to FILE.md")
+    add(
+        "--check",
+        action="store_true",
+        help="exit 1 (after printing the table) when any judged optimizer misses or leaves open "
+        "a goal, including fewer than 2 wins against a --baseline; list them on stderr",
+    )
     return p
 
 
@@ -234,6 +240,10 @@ def compare_main(argv: list[str] | None = None) -> int:
     print(result.markdown, end="")
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
+    unmet = result.unmet() if args.check else []
+    if unmet:
+        print(f"python -m metatrain.eval: goals not met: {'; '.join(unmet)}", file=sys.stderr)
+        return 1
     return 0
 
 

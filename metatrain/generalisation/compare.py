@@ -18,7 +18,10 @@ counted):
   :data:`TRAIN_WINS_NEEDED` problems;
 * (c) its mean test loss is at most :data:`TEST_LOSS_TOLERANCE` × AdamW's on every problem;
 * (d) per baseline: the problems where its mean final train loss is strictly below the
-  baseline's.
+  baseline's; the goal is :data:`BASELINE_WINS_NEEDED` of them.
+
+``--check`` turns the verdicts into the exit status (:meth:`Comparison.unmet`): 1 when any judged
+optimizer misses a goal or leaves one open, so a script can gate on it.
 
 Equal means (two losses of exactly 0, say) are ties, never wins.
 """
@@ -39,6 +42,7 @@ from .schema import validate_report
 from .write import REPORT
 
 __all__ = [
+    "BASELINE_WINS_NEEDED",
     "TEST_LOSS_TOLERANCE",
     "TRAIN_WINS_NEEDED",
     "Comparison",
@@ -52,6 +56,8 @@ TEST_LOSS_TOLERANCE = 1.05
 """Goal (c): mean test loss at most this many times tuned AdamW's, on every core problem."""
 TRAIN_WINS_NEEDED = 3
 """Goal (b): strictly lower mean final train loss than tuned AdamW's on this many problems."""
+BASELINE_WINS_NEEDED = 2
+"""Goal (d): strictly lower mean final train loss than each ``--baseline`` on this many."""
 
 _RERUN = (
     "run python -m metatrain.eval --suite generalisation --optimizer REF --out DIR (finished runs "
@@ -89,6 +95,22 @@ class Comparison:
     problems: list[str]
     goals: dict[str, dict[str, str]]  # optimizer label → goal → verdict (PASS / FAIL / OPEN)
     wins: dict[str, dict[str, int]]  # optimizer label → "adamw" or baseline label → wins
+
+    def unmet(self) -> list[str]:
+        """Every goal a judged optimizer misses or leaves open, as ``"label: goal (verdict)"``.
+
+        (a)–(c) count unless PASS; (d) counts for each baseline beaten on fewer than
+        :data:`BASELINE_WINS_NEEDED` core problems. Empty: every goal is met.
+        """
+        out = []
+        for label, verdicts in self.goals.items():
+            for goal in ("a", "b", "c"):
+                if verdicts[goal] != "PASS":
+                    out.append(f"{label}: ({goal}) {verdicts[goal]}")
+            for key, won in self.wins[label].items():
+                if key != "adamw" and won < BASELINE_WINS_NEEDED:
+                    out.append(f"{label}: (d) vs {key} {won} wins < {BASELINE_WINS_NEEDED}")
+        return out
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -403,9 +425,10 @@ def _goals(
         won = sum(v == "win" for v in versus[b.label].values())
         wins[b.label] = won
         verdicts[f"d:{b.label}"] = f"{won} of {len(core)}"
+        met = "met" if won >= BASELINE_WINS_NEEDED else "missed"
         lines.append(
             f"- (d) vs {b.label}: lower final train loss on **{won} of {len(core)}** "
-            f"({_tally(versus[b.label], core)})"
+            f"({_tally(versus[b.label], core)}); goal ≥ {BASELINE_WINS_NEEDED}: {met}"
         )
     return lines, verdicts, wins
 
