@@ -485,6 +485,9 @@ SUITE = [
             out=str(WORK / "report"),
             cache_dir=str(WORK / "cache"),
             progress=False,
+            # one torch thread per run: these models are too small to gain from more, and
+            # OpenMP threads that wait on a busy core slowed this cell 9x on a shared machine
+            threads=1,
         )
         result = evaluate_suite(cfg)
         runs = result.report["runs"]
