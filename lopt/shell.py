@@ -84,7 +84,8 @@ class LearnedOptimizer(Optimizer):
     r"""Base class of the learned optimizers' ``torch.optim`` shells.
 
     Args:
-        params: iterable of tensors or of param-group dicts.
+        params: iterable of tensors, of ``(name, tensor)`` pairs (``model.named_parameters()``;
+            architectures that route by name use them) or of param-group dicts.
         weights: meta-weights θ: a dict of tensors, a ``.safetensors`` path, or a zoo reference
             (``"family/name"``, ``"family/name:1.0.0"``). ``None`` loads the shell's
             :attr:`default_weights` (an error for shells that have none).
