@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import lopt
@@ -10,7 +12,7 @@ import zoo
 from tests.task_training import sample_problem, train_losses
 
 ENTRIES = ["small_fc_lopt/mixture_8x8", "celo2/mixture_8x8"]
-LATEST = {"small_fc_lopt/mixture_8x8": "1.0.1", "celo2/mixture_8x8": "1.1.0"}
+LATEST = {"small_fc_lopt/mixture_8x8": "1.0.1", "celo2/mixture_8x8": "1.2.0"}
 
 
 @pytest.mark.parametrize("name", ENTRIES)
@@ -30,13 +32,32 @@ def test_bundled_mixture_entry_verifies_and_records_its_run(name, monkeypatch, t
     assert meta["generalisation_suite"][0]["seeds"] == 3
 
 
-def test_the_default_celo2_entry_treats_conv_kernels_as_matrices(monkeypatch, tmp_path):
-    """1.1.0 is 1.0.0's θ with conv_mode='matrix'; the card records the change from the run."""
+def test_the_default_celo2_entry_is_the_run_theta_under_its_deployment_settings(
+    monkeypatch, tmp_path
+):
+    """1.1.0 and 1.2.0 are 1.0.0's θ with fields that change how the rule is applied (conv kernels
+    as matrices; the Adam branch's multiplier); each card records the change from the run, and
+    1.2.0's suite ran the learned optimizer with Muon's split (its identity's io_group)."""
     monkeypatch.setenv("LOZOO_ZOO", str(tmp_path / "empty-user-zoo"))
-    new, old = zoo.load("celo2/mixture_8x8"), zoo.load("celo2/mixture_8x8:1.0.0")
-    assert new.config.conv_mode == "matrix" and old.config.conv_mode == "slices"
-    assert new.theta_sha256 == old.theta_sha256
-    assert new.meta["config_changed_from_run"] == {"conv_mode": "matrix"}
+    new = zoo.load("celo2/mixture_8x8")
+    mid, old = zoo.load("celo2/mixture_8x8:1.1.0"), zoo.load("celo2/mixture_8x8:1.0.0")
+    assert new.theta_sha256 == mid.theta_sha256 == old.theta_sha256
+    assert (old.config.conv_mode, mid.config.conv_mode, new.config.conv_mode) == (
+        "slices",
+        "matrix",
+        "matrix",
+    )
+    assert (old.config.adam_lr_mult, mid.config.adam_lr_mult, new.config.adam_lr_mult) == (
+        20.0,
+        20.0,
+        5.0,
+    )
+    assert mid.meta["config_changed_from_run"] == {"conv_mode": "matrix"}
+    assert new.meta["config_changed_from_run"] == {"conv_mode": "matrix", "adam_lr_mult": 5}
+    suite = json.loads((new.path / "suite.json").read_text())
+    identity = suite["config"]["optimizer_spec"]["identity"]
+    assert identity["io_group"] == {"adam": True}
+    assert identity["config"]["adam_lr_mult"] == 5.0
 
 
 @pytest.mark.parametrize("name", ENTRIES)
