@@ -60,7 +60,8 @@ class Celo2(LearnedOptimizer):
     architecture: ClassVar[str] = "celo2"
     io_group_options: ClassVar[Mapping[str, Any]] = MappingProxyType({"adam": True})
     """Embeddings and the output head take the Adam branch: the paper's "distinct rules for
-    input-output and hidden weights" at deployment (docs/design/celo2.md, "Routing")."""
+    input-output and hidden weights" at deployment (docs/design/celo2.md, "Using the
+    optimizers")."""
 
     @classmethod
     def check_backend(cls, backend: str) -> str:
