@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         for x in curve
     }
     attachments = {"heldout.jsonl": args.run_dir / "heldout.jsonl"}
+    published = json.loads(config.to_json())  # as a suite's optimizer identity records it
     suites = []
     for i, suite_dir in enumerate(args.suite_dirs):
         report = json.loads((suite_dir / "suite.json").read_text())
@@ -82,10 +83,10 @@ def main(argv: list[str] | None = None) -> None:
         if identity.get("theta_sha256") != source.sha256:
             raise SystemExit(f"error: {suite_dir} evaluated other weights than {args.run_dir}")
         evaluated = identity.get("config")
-        if evaluated is not None and evaluated != _spec_config(config):
+        if evaluated is not None and evaluated != published:
             raise SystemExit(
                 f"error: {suite_dir} evaluated these weights under another config than the one "
-                f"published ({evaluated} vs {_spec_config(config)}); pass the --lopt-option "
+                f"published ({evaluated} vs {published}); pass the --lopt-option "
                 "values that evaluation used"
             )
         label = "suite" if i == 0 else f"suite{i + 1}"
@@ -120,11 +121,6 @@ def main(argv: list[str] | None = None) -> None:
         root=args.root,
     )
     print(f"published {entry.ref} to {entry.path}")
-
-
-def _spec_config(config) -> dict:
-    """``config`` as the suite's optimizer identity records it."""
-    return json.loads(json.dumps(config.to_dict()))
 
 
 if __name__ == "__main__":
