@@ -11,6 +11,9 @@ Every method steps every tensor of the set once per call, through its ``torch.op
   accumulators in place, the compiled features + MLP op, Newton–Schulz as batched GEMMs), the
   default ``celo2`` config (rank <= 1 tensors on its Adam branch, every other tensor through the
   learned rule; ``--conv-mode matrix`` treats conv kernels as one matrix each).
+- Celo2 foreach: the same with ``foreach=True`` (:mod:`lopt.celo2.multi_tensor`: the Adam
+  branch as multi-tensor ops, same-shape tensors stacked through the kernel), the default for
+  CUDA tensors; Celo2 fused is ``foreach=False``, the default on the CPU.
 - Celo2 torch: the same optimizer on the pure-torch backend.
 - AdamW: ``torch.optim.AdamW(foreach=True)`` on every tensor.
 - Muon: ``torch.optim.Muon`` on the 2-D tensors and ``AdamW(foreach=True)`` on the rest (Muon
@@ -39,7 +42,7 @@ from param_sets import PARAM_SETS, numel  # noqa: E402
 import lopt  # noqa: E402
 from lopt import celo2  # noqa: E402
 
-METHODS = ("celo2_fused", "celo2_torch", "adamw", "muon")
+METHODS = ("celo2_fused", "celo2_foreach", "celo2_torch", "adamw", "muon")
 
 
 def make_params(set_name: str, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -58,8 +61,9 @@ def make_step(method: str, params: list[torch.nn.Parameter], conv_mode: str = "s
         cfg = dataclasses.replace(arch.preset(), conv_mode=conv_mode)
         theta = arch.init_theta(cfg, torch.Generator().manual_seed(0))
         fused_backend = "cuda" if params[0].is_cuda else "cpp"
-        backend = fused_backend if method == "celo2_fused" else "torch"
-        opts = [celo2.Celo2(params, theta, config=cfg, backend=backend)]
+        backend = "torch" if method == "celo2_torch" else fused_backend
+        foreach = method == "celo2_foreach"
+        opts = [celo2.Celo2(params, theta, config=cfg, backend=backend, foreach=foreach)]
     elif method == "adamw":
         opts = [torch.optim.AdamW(params, lr=1e-3, foreach=True)]
     else:
@@ -118,7 +122,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device")
-    if "celo2_fused" in args.methods and not celo2.fused.op_is_available(device.type):
+    kernel_methods = {"celo2_fused", "celo2_foreach"} & set(args.methods)
+    if kernel_methods and not celo2.fused.op_is_available(device.type):
         reason = celo2.fused.unavailable_reason(device.type)
         sys.exit(f"the compiled Celo2 kernel is unavailable ({reason}); see python -m lopt.kernels")
     on_gpu = device.type == "cuda"
@@ -137,7 +142,7 @@ def main() -> None:
         print(f"\n{set_name} ({n / 1e6:.1f}M parameters)")
         for m, t in best.items():
             ratios = "  ".join(f"{t / best[b]:6.2f}x {b}" for b in ("muon", "adamw") if b in best)
-            print(f"  {m:12s} {t * 1e3:9.1f} ms   {ratios}")
+            print(f"  {m:14s} {t * 1e3:9.1f} ms   {ratios}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.profile:
@@ -145,10 +150,11 @@ def main() -> None:
 
 
 def profile_step(set_name: str, device: torch.device, conv_mode: str, rows: int = 15) -> None:
-    """The operators one fused Celo2 step spends its time in, by self time."""
+    """The operators one fused Celo2 step (the device's default path) spends its time in."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = make_step("celo2_fused", make_params(set_name, device), conv_mode)
+    method = "celo2_foreach" if device.type == "cuda" else "celo2_fused"
+    step = make_step(method, make_params(set_name, device), conv_mode)
     step()  # state allocation outside the profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -156,7 +162,7 @@ def profile_step(set_name: str, device: torch.device, conv_mode: str, rows: int 
         if device.type == "cuda":
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\nprofile of one fused Celo2 step, {set_name}, sorted by {sort}:")
+    print(f"\nprofile of one {method} step, {set_name}, sorted by {sort}:")
     print(prof.key_averages().table(sort_by=sort, row_limit=rows))
 
 

@@ -462,3 +462,128 @@ def test_conv_mode_switch_without_convs_resumes_and_old_records_read_as_slices()
                                          "layout='as_stored'"):  # fmt: skip
         celo2.Celo2(params_of([(6, 6)]), make_theta("celo2"),
                     config=as_stored).load_state_dict(square.state_dict())  # fmt: skip
+
+
+# -- the multi-tensor (foreach) path ----------------------------------------------------------
+# Repeated shapes stack; (3, 2, 4) repeats but its factored axes are not the last two in the
+# rule's frame under conv_mode="slices", so it steps alone there; the second (6, 6) and (7,) miss step 0 (other step counts).
+FOREACH_SHAPES = [(6, 6), (6, 6), (5, 9), (5, 9), (5, 9), (9, 5), (7,), (7,), (4, 4, 3, 3),
+                  (4, 4, 3, 3), (8, 3, 5, 5), (), (3, 2, 4), (3, 2, 4)]  # fmt: skip
+
+
+def run_foreach(name, foreach, backend, conv_mode="slices", device="cpu", steps=4, log=None):
+    import dataclasses
+
+    params = [torch.nn.Parameter(p.detach().to(device)) for p in params_of(FOREACH_SHAPES)]
+    arch = lopt.get_architecture(name)
+    cfg = dataclasses.replace(arch.preset(), conv_mode=conv_mode)
+    opt = arch.optimizer(params, make_theta(name), config=cfg, backend=backend,
+                         foreach=foreach, lr=0.7, weight_decay=0.1, maximize=True)  # fmt: skip
+    for k in range(steps):
+        set_grads(params, 100 + k)
+        for p in params:  # small enough for the Adam branch's eps to count
+            p.grad *= 1e-6
+        if k == 0:
+            params[1].grad = params[7].grad = None
+        if log is not None:
+            log.append(("step", k))
+        opt.step()
+    return params, opt
+
+
+def spy_on_multi_tensor(monkeypatch):
+    from lopt.celo2 import multi_tensor
+
+    calls = []
+    stacked, adam = multi_tensor.step_learned_stacked_, multi_tensor.step_adam_foreach_
+
+    def spy_stacked(args, params, *rest, **kwargs):
+        calls.append(("learned", tuple(params[0].shape), len(params)))
+        return stacked(args, params, *rest, **kwargs)
+
+    def spy_adam(params, *rest, **kwargs):
+        calls.append(("adam", len(params)))
+        return adam(params, *rest, **kwargs)
+
+    monkeypatch.setattr(multi_tensor, "step_learned_stacked_", spy_stacked)
+    monkeypatch.setattr(multi_tensor, "step_adam_foreach_", spy_adam)
+    return calls
+
+
+@needs_cpp
+@pytest.mark.parametrize("conv_mode", ["slices", "matrix"])
+@pytest.mark.parametrize("name", ["celo2", "celo2_base", "pylo_celo2", "elo_celo2"])
+def test_foreach_path_computes_what_the_per_tensor_path_computes(monkeypatch, name, conv_mode):
+    want, want_opt = run_foreach(name, False, "cpp", conv_mode)
+    calls = spy_on_multi_tensor(monkeypatch)
+    got, got_opt = run_foreach(name, True, "cpp", conv_mode, log=calls)
+    for p, q in zip(want, got):  # same ops on the same numbers: equal, not close
+        assert torch.equal(p, q)
+        assert want_opt.state[p].keys() == got_opt.state[q].keys()
+        for key, value in want_opt.state[p].items():
+            assert torch.equal(value, got_opt.state[q][key]), key
+    marks = [calls.index(("step", k)) for k in range(4)] + [len(calls)]
+    steps = [sorted(calls[i + 1 : j]) for i, j in zip(marks, marks[1:])]
+    stacks = [("learned", (4, 4, 3, 3), 2), ("learned", (5, 9), 3)]  # (6, 6) alone at step 0
+    if conv_mode == "matrix":  # (3, 2, 4) is the (8, 3) matrix: its axes are the last two
+        stacks.insert(0, ("learned", (3, 2, 4), 2))
+    later = sorted(stacks + [("learned", (6, 6), 2)])
+    if name == "celo2_base":  # no Adam branch: its rank <= 1 tensors take the rule, alone
+        assert steps == [stacks] + [later] * 3
+    else:  # Adam buckets by step count: (7,) and the scalar; then the (7,) that missed step 0
+        assert (
+            steps
+            == [sorted(stacks + [("adam", 2)])] + [sorted(later + [("adam", 1), ("adam", 2)])] * 3
+        )
+
+
+@needs_cpp
+def test_foreach_is_a_group_option_checked_at_construction():
+    params = params_of([(6, 6), (6, 6)])
+    with pytest.raises(ValueError, match="foreach must be None .* True or False, got 'yes'"):
+        celo2.Celo2(params, make_theta("celo2"), foreach="yes")
+    with pytest.raises(ValueError, match="foreach must be None .* got 1"):
+        celo2.Celo2([{"params": params, "foreach": 1}], make_theta("celo2"))
+    opt = celo2.Celo2([{"params": params[:1]}], make_theta("celo2"), foreach=True)
+    opt.add_param_group({"params": params[1:], "foreach": False})
+    assert [g["foreach"] for g in opt.param_groups] == [True, False]
+
+
+@needs_cpp
+def test_state_dict_without_the_foreach_option_loads_and_steps(monkeypatch):
+    params, opt = run_foreach("celo2", True, "cpp", steps=2)
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["foreach"] is True
+    del saved["param_groups"][0]["foreach"]  # as written before the option existed
+    resumed = celo2.Celo2(params, make_theta("celo2"), backend="cpp")
+    resumed.load_state_dict(saved)
+    calls = spy_on_multi_tensor(monkeypatch)
+    set_grads(params, 7)
+    resumed.step()
+    assert calls == []  # None: per tensor on the CPU
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@needs_cpp
+def test_kernel_direction_refuses_stack_axes_that_are_not_the_last_two():
+    p = torch.randn(2, 5, 9)
+    state = core.init_tensor_state(p, celo2.CELO2_BASE, adam=False)
+    with pytest.raises(ValueError, match=r"axes \(0, 2\) of shape \(2, 5, 9\) are not its last"):
+        fused.kernel_direction_(fused.theta_args(make_theta("celo2")), p, p, state, True,
+                                axes=(0, 2))  # fmt: skip
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("conv_mode", ["slices", "matrix"])
+@pytest.mark.parametrize("name", ["celo2", "pylo_celo2"])
+def test_cuda_foreach_path_matches_per_tensor_and_torch_backend(monkeypatch, name, conv_mode):
+    want, _ = run_foreach(name, False, "cuda", conv_mode, device="cuda")
+    reference, _ = run_foreach(name, False, "torch", conv_mode, device="cuda")
+    calls = spy_on_multi_tensor(monkeypatch)
+    got, _ = run_foreach(name, None, "cuda", conv_mode, device="cuda")  # None: on for CUDA
+    assert ("learned", (5, 9), 3) in calls
+    for p, q, r in zip(want, got, reference):
+        # batched GEMMs and scalar divisions may round differently on the device
+        torch.testing.assert_close(q, p, atol=2e-6, rtol=0)
+        torch.testing.assert_close(q, r, atol=5e-6, rtol=0)

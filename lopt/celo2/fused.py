@@ -93,13 +93,20 @@ def theta_args(theta: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def kernel_direction_(
-    args: list[torch.Tensor], p: torch.Tensor, g: torch.Tensor, state: dict, orthogonalize: bool
+    args: list[torch.Tensor],
+    p: torch.Tensor,
+    g: torch.Tensor,
+    state: dict,
+    orthogonalize: bool,
+    axes: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The (orthogonalised) direction of a float32 reference-frame tensor (rank >= 1) before the
     unit-RMS rescale (see :func:`unit_rms_scale`); updates ``state`` in place.
 
     ``d · unit_rms_scale(d)`` is :func:`lopt.celo2.core.reference_direction`'s ``u``; the
-    accumulators are updated in place and the features + MLP run in the fused op.
+    accumulators are updated in place and the features + MLP run in the fused op. ``axes``
+    overrides the factored axes ``(b, a)`` of the shape, which must then be its last two: a stack
+    of same-shape tensors along a new leading axis keeps each tensor's own axes.
     """
     shape = tuple(p.shape)
     n = len(shape)
@@ -107,11 +114,14 @@ def kernel_direction_(
     p = p.contiguous()
     clipped = g.clamp(-core.GRAD_CLIP, core.GRAD_CLIP)
     g3 = clipped.unsqueeze(-1)
-    bf = torch.tensor(core.FACTORED_DECAYS, dtype=torch.float32, device=g.device)
+    bf = _factored_decays(g.device)
     # m and v are advanced by the op itself (in its first sweep); the factored statistics need a
     # reduction over the whole tensor first, so they are updated here.
     q = g3 * g3 + core.EPS_GSQ
-    axes = core.factored_axes(shape)
+    if axes is None:
+        axes = core.factored_axes(shape)
+    elif set(axes) != {n - 2, n - 1}:
+        raise ValueError(f"kernel_direction_: axes {axes} of shape {shape} are not its last two")
     if axes is None:
         state["v_diag"].mul_(bf).add_((1 - bf) * q)
         view = (1, 1, shape[0])
@@ -152,6 +162,19 @@ def kernel_direction_(
     if orthogonalize and n >= 2:
         d = core.newton_schulz(d)
     return d
+
+
+_decays_by_device: dict[torch.device, torch.Tensor] = {}
+
+
+def _factored_decays(device: torch.device) -> torch.Tensor:
+    # Made once per device: building it per step is a host-to-device copy, and on CUDA that
+    # waits for the queued kernels (the host could no longer run ahead of the GPU).
+    if device not in _decays_by_device:
+        _decays_by_device[device] = torch.tensor(
+            core.FACTORED_DECAYS, dtype=torch.float32, device=device
+        )
+    return _decays_by_device[device]
 
 
 def unit_rms_scale(d: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ family, the Adam branch and a per-group routing option.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -18,7 +18,8 @@ from .. import kernels as small_fc_kernels
 from ..architecture import Theta
 from ..core import factored_dims
 from ..shell import LearnedOptimizer, TensorWork
-from . import core, fused
+from ..weights import WeightsSpec
+from . import core, fused, multi_tensor
 from .config import Celo2Config
 
 BACKENDS = ("auto", "torch", "cpp", "cuda")
@@ -31,6 +32,13 @@ def _check_backend(cls: type, backend: str) -> str:
             + ", ".join(repr(b) for b in BACKENDS)
         )
     return backend
+
+
+def _columns(
+    items: list[tuple[TensorWork, torch.Tensor]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict]]:
+    """``(params, grads, states)`` of a bucket."""
+    return [w.param for w, _ in items], [g for _, g in items], [w.state for w, _ in items]
 
 
 class Celo2(LearnedOptimizer):
@@ -54,7 +62,10 @@ class Celo2(LearnedOptimizer):
 
     Args: as :class:`lopt.LearnedOptimizer`; ``backend`` is ``"auto"`` (the compiled kernel of
     each parameter's device when it is available, else the torch path with one warning),
-    ``"torch"``, ``"cpp"`` or ``"cuda"``.
+    ``"torch"``, ``"cpp"`` or ``"cuda"``. ``foreach`` (also a param-group option) steps the
+    Adam branch with multi-tensor ops and stacks same-shape tensors through the kernel
+    (:mod:`lopt.celo2.multi_tensor`); ``None`` means on for CUDA tensors, as in ``torch.optim``.
+    It changes launches, not results.
     """
 
     architecture: ClassVar[str] = "celo2"
@@ -62,6 +73,25 @@ class Celo2(LearnedOptimizer):
     """Embeddings and the output head take the Adam branch: the paper's "distinct rules for
     input-output and hidden weights" at deployment (docs/design/celo2.md, "Using the
     optimizers")."""
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        weights: WeightsSpec = None,
+        config: Any = None,
+        *,
+        foreach: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(params, weights, config, **kwargs)
+        self.defaults["foreach"] = foreach  # groups added later inherit it, as in torch.optim
+        for group in self.param_groups:
+            group.setdefault("foreach", foreach)
+            if group["foreach"] is not None and not isinstance(group["foreach"], bool):
+                raise ValueError(
+                    f"foreach must be None (on for CUDA tensors), True or False, got "
+                    f"{group['foreach']!r}"
+                )
 
     @classmethod
     def check_backend(cls, backend: str) -> str:
@@ -164,17 +194,48 @@ class Celo2(LearnedOptimizer):
         if cfg.global_clip_norm is not None:  # over this group's gradients
             scale = core.global_clip_scale(dict(enumerate(grads)), cfg.global_clip_norm)
             grads = [g.float() * scale.to(g.device) for g in grads]
+        # The multi-tensor path takes float32 tensors by bucket; a bucket of one, and every
+        # other tensor, steps alone. Buckets: Adam by (device, step count); learned by (device,
+        # reference shape), on the kernel only.
+        foreach = group.get("foreach")  # absent in state dicts saved before the option existed
+        adam_buckets: dict[tuple, list[tuple[TensorWork, torch.Tensor]]] = {}
+        learned_buckets: dict[tuple, list[tuple[TensorWork, torch.Tensor]]] = {}
+        alone: list[tuple[TensorWork, torch.Tensor, bool]] = []
         for w, grad in zip(work, grads):
+            device = w.param.device
+            use_kernel = fused.resolve_backend(self.backend, device) == "kernel"
+            many = multi_tensor.wants_foreach(foreach, device)
             if core.is_adam_state(w.state):
-                t = (w.state["step"] + 1).to(w.param.device)
+                if many and w.param.dtype == torch.float32:
+                    key = (device, float(w.state["step"]))
+                    adam_buckets.setdefault(key, []).append((w, grad))
+                    continue
+            elif many and use_kernel:
+                ref_shape = multi_tensor.stack_key(w.param, cfg)
+                if ref_shape is not None:
+                    learned_buckets.setdefault((device, ref_shape), []).append((w, grad))
+                    continue
+            alone.append((w, grad, use_kernel))
+        for (device, _), items in learned_buckets.items():
+            if len(items) == 1:
+                alone.append((*items[0], True))
+                continue
+            multi_tensor.step_learned_stacked_(
+                self._args_on(device), *_columns(items), cfg, lr=lr, weight_decay=wd
+            )
+        for items in adam_buckets.values():
+            t = items[0][0].state["step"] + 1  # on the host: a device copy would wait for the GPU
+            multi_tensor.step_adam_foreach_(*_columns(items), t, cfg, lr=lr, weight_decay=wd)
+        for w, grad, use_kernel in alone:
+            if core.is_adam_state(w.state):
+                t = w.state["step"] + 1
                 fused.step_adam_(w.param, grad, w.state, t, cfg, lr=lr, weight_decay=wd)
             else:
-                use_kernel = fused.resolve_backend(self.backend, w.param.device) == "kernel"
                 theta = self._theta_on(w.param.device)
                 args = self._args_on(w.param.device) if use_kernel else None
                 fused.step_learned_(theta, args, w.param, grad, w.state, cfg, lr=lr,
                                     weight_decay=wd, use_kernel=use_kernel)  # fmt: skip
-            w.state["step"] += 1
+        torch._foreach_add_([w.state["step"] for w in work], 1)
 
 
 class Celo2Base(Celo2):
