@@ -13,7 +13,8 @@ Every method steps every tensor of the set once per call, through its ``torch.op
   learned rule; ``--conv-mode matrix`` treats conv kernels as one matrix each).
 - Celo2 foreach: the same with ``foreach=True`` (:mod:`lopt.celo2.multi_tensor`: the Adam
   branch as multi-tensor ops, same-shape tensors stacked through the kernel), the default for
-  CUDA tensors; Celo2 fused is ``foreach=False``, the default on the CPU.
+  CUDA tensors; Celo2 fused is ``foreach=False``, the default on the CPU. Celo2 graphs adds
+  ``cuda_graphs=True`` (each bucket's direction replayed from a CUDA graph; CUDA only).
 - Celo2 torch: the same optimizer on the pure-torch backend.
 - AdamW: ``torch.optim.AdamW(foreach=True)`` on every tensor.
 - Muon: ``torch.optim.Muon`` on the 2-D tensors and ``AdamW(foreach=True)`` on the rest (Muon
@@ -42,7 +43,7 @@ from param_sets import PARAM_SETS, numel  # noqa: E402
 import lopt  # noqa: E402
 from lopt import celo2  # noqa: E402
 
-METHODS = ("celo2_fused", "celo2_foreach", "celo2_torch", "adamw", "muon")
+METHODS = ("celo2_fused", "celo2_foreach", "celo2_graphs", "celo2_torch", "adamw", "muon")
 
 
 def make_params(set_name: str, device: torch.device, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -62,8 +63,10 @@ def make_step(method: str, params: list[torch.nn.Parameter], conv_mode: str = "s
         theta = arch.init_theta(cfg, torch.Generator().manual_seed(0))
         fused_backend = "cuda" if params[0].is_cuda else "cpp"
         backend = "torch" if method == "celo2_torch" else fused_backend
-        foreach = method == "celo2_foreach"
-        opts = [celo2.Celo2(params, theta, config=cfg, backend=backend, foreach=foreach)]
+        foreach = method in ("celo2_foreach", "celo2_graphs")
+        graphs = method == "celo2_graphs"
+        opts = [celo2.Celo2(params, theta, config=cfg, backend=backend, foreach=foreach,
+                            cuda_graphs=graphs)]  # fmt: skip
     elif method == "adamw":
         opts = [torch.optim.AdamW(params, lr=1e-3, foreach=True)]
     else:
@@ -122,7 +125,8 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no CUDA device")
-    kernel_methods = {"celo2_fused", "celo2_foreach"} & set(args.methods)
+    methods = [m for m in args.methods if device.type == "cuda" or m != "celo2_graphs"]
+    kernel_methods = {"celo2_fused", "celo2_foreach", "celo2_graphs"} & set(methods)
     if kernel_methods and not celo2.fused.op_is_available(device.type):
         reason = celo2.fused.unavailable_reason(device.type)
         sys.exit(f"the compiled Celo2 kernel is unavailable ({reason}); see python -m lopt.kernels")
@@ -131,7 +135,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {where}, best of {args.reps}, conv_mode={args.conv_mode}")
     results = []
     for set_name in args.sets:
-        best = time_set(set_name, args.reps, tuple(args.methods), device, args.conv_mode)
+        best = time_set(set_name, args.reps, tuple(methods), device, args.conv_mode)
         n = numel(PARAM_SETS[set_name]())
         row = {"set": set_name, "device": args.device, "conv_mode": args.conv_mode, "numel": n}
         row["seconds"] = best
@@ -153,7 +157,7 @@ def profile_step(set_name: str, device: torch.device, conv_mode: str, rows: int 
     """The operators one fused Celo2 step (the device's default path) spends its time in."""
     from torch.profiler import ProfilerActivity, profile
 
-    method = "celo2_foreach" if device.type == "cuda" else "celo2_fused"
+    method = "celo2_graphs" if device.type == "cuda" else "celo2_fused"
     step = make_step(method, make_params(set_name, device), conv_mode)
     step()  # state allocation outside the profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -466,19 +466,24 @@ def test_conv_mode_switch_without_convs_resumes_and_old_records_read_as_slices()
 
 # -- the multi-tensor (foreach) path ----------------------------------------------------------
 # Repeated shapes stack; (3, 2, 4) repeats but its factored axes are not the last two in the
-# rule's frame under conv_mode="slices", so it steps alone there; the second (6, 6) and (7,) miss step 0 (other step counts).
+# rule's frame under conv_mode="slices", so it steps alone there; the second (6, 6) and (7,)
+# miss step 0 (other step counts).
 FOREACH_SHAPES = [(6, 6), (6, 6), (5, 9), (5, 9), (5, 9), (9, 5), (7,), (7,), (4, 4, 3, 3),
                   (4, 4, 3, 3), (8, 3, 5, 5), (), (3, 2, 4), (3, 2, 4)]  # fmt: skip
 
 
-def run_foreach(name, foreach, backend, conv_mode="slices", device="cpu", steps=4, log=None):
+def run_foreach(
+    name, foreach, backend, conv_mode="slices", device="cpu", steps=4, log=None, **kwargs
+):
     import dataclasses
 
     params = [torch.nn.Parameter(p.detach().to(device)) for p in params_of(FOREACH_SHAPES)]
     arch = lopt.get_architecture(name)
     cfg = dataclasses.replace(arch.preset(), conv_mode=conv_mode)
     opt = arch.optimizer(params, make_theta(name), config=cfg, backend=backend,
-                         foreach=foreach, lr=0.7, weight_decay=0.1, maximize=True)  # fmt: skip
+                         foreach=foreach, lr=0.7, weight_decay=0.1, maximize=True,
+                         **kwargs)  # fmt: skip
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for k in range(steps):
         set_grads(params, 100 + k)
         for p in params:  # small enough for the Adam branch's eps to count
@@ -488,6 +493,7 @@ def run_foreach(name, foreach, backend, conv_mode="slices", device="cpu", steps=
         if log is not None:
             log.append(("step", k))
         opt.step()
+        schedule.step()  # the learning rate changes every step
     return params, opt
 
 
@@ -587,3 +593,40 @@ def test_cuda_foreach_path_matches_per_tensor_and_torch_backend(monkeypatch, nam
         # batched GEMMs and scalar divisions may round differently on the device
         torch.testing.assert_close(q, p, atol=2e-6, rtol=0)
         torch.testing.assert_close(q, r, atol=5e-6, rtol=0)
+
+
+def test_cuda_graphs_option_is_checked_kept_and_leaves_cpu_tensors_alone(monkeypatch):
+    with pytest.raises(ValueError, match="cuda_graphs must be True or False, got 'yes'"):
+        celo2.Celo2(params_of([(6, 6)]), make_theta("celo2"), cuda_graphs="yes")
+    want, _ = run_foreach("celo2", None, "torch")
+    calls = spy_on_multi_tensor(monkeypatch)
+    got, opt = run_foreach("celo2", None, "torch", cuda_graphs=True)
+    assert calls == []  # CPU tensors: per tensor, as without the option
+    for p, q in zip(want, got):
+        assert torch.equal(p, q)
+    assert copy.deepcopy(opt).cuda_graphs is True
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("conv_mode", ["slices", "matrix"])
+def test_cuda_graphs_replay_what_the_eager_path_computes(conv_mode):
+    eager, _ = run_foreach("pylo_celo2", True, "cuda", conv_mode, device="cuda")
+    got, opt = run_foreach("pylo_celo2", True, "cuda", conv_mode, device="cuda", cuda_graphs=True)
+    # step 0 without the second (6, 6), then with it: two graphs for that shape
+    shapes = [key[1] for key in opt._captured_stacks]
+    assert shapes.count(core.reference_shape((6, 6), opt.config)) == 2
+    for p, q in zip(eager, got):  # the same kernels, replayed
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0)
+    # a checkpoint of the graphed optimizer resumes (graphs are recorded again) identically
+    resumed = celo2.Celo2(got, make_theta("pylo_celo2"), config=opt.config, backend="cuda",
+                          cuda_graphs=True)  # fmt: skip
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in got]
+    again = celo2.Celo2(twin, make_theta("pylo_celo2"), config=opt.config, backend="cuda")
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for ps, o in ((got, resumed), (twin, again)):
+        set_grads(ps, 9)
+        o.step()
+    for p, q in zip(got, twin):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)

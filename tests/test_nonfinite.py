@@ -256,3 +256,22 @@ def test_meta_trainer_inner_step_skips_a_lane_with_a_nan_gradient(backend):
     for k, st in out["opt_state"]["tensors"].items():
         for key, value in st.items():
             assert torch.isfinite(value[[0, 1, 3]]).all(), (k, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_the_multi_tensor_finiteness_check_agrees_with_the_per_tensor_one(dtype):
+    """CUDA takes the multi-tensor form; both run here, on the same tensors."""
+    from lopt.nonfinite import _finite_multi_tensor, _finite_per_tensor
+
+    big = torch.finfo(dtype).max
+    grads = [
+        torch.full((4096,), big, dtype=dtype),  # finite; its L1 norm would overflow
+        torch.randn(3, 5).to(dtype),
+        torch.tensor([1.0, float("nan")]).to(dtype),
+        torch.tensor([[float("-inf")]]).to(dtype),
+        torch.tensor(float("inf")).to(dtype),
+        torch.tensor(-0.0).to(dtype),
+    ]
+    want = [True, True, False, False, False, True]
+    assert _finite_per_tensor(grads).tolist() == want
+    assert _finite_multi_tensor(grads).tolist() == want

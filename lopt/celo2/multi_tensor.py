@@ -44,6 +44,75 @@ def stack_key(param: torch.Tensor, cfg: Celo2Config) -> tuple[int, ...] | None:
     return ref_shape if fused.kernel_handles(ref_shape) else None
 
 
+class Stack:
+    """Buffers for a bucket of ``k`` learned tensors of one reference shape, and their step.
+
+    :meth:`load` copies parameters, gradients and state in, :meth:`direction` computes the
+    stacked direction and its unit-RMS scale from the buffers alone (no host value enters it:
+    it is what :class:`CapturedStack` records in a CUDA graph), :meth:`store` applies the step
+    with the learning rate and copies parameters and state back.
+    """
+
+    def __init__(self, args: list[torch.Tensor], ref_shape: tuple[int, ...], k: int,
+                 cfg: Celo2Config, device: torch.device) -> None:  # fmt: skip
+        self.args, self.cfg = args, cfg
+        b, a = core.factored_axes(ref_shape)
+        self.axes = (b + 1, a + 1)  # each tensor's own factored axes, past the stacking axis
+        self.p = torch.zeros((k, *ref_shape), device=device)
+        self.g = torch.zeros_like(self.p)
+        shapes = core.learned_state_shapes(ref_shape)
+        self.state = {key: torch.zeros((k, *shape), device=device) for key, shape in shapes.items()}
+
+    def load(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+             states: Sequence[dict]) -> None:  # fmt: skip
+        torch.stack([core.to_reference(x, self.cfg) for x in params], out=self.p)
+        torch.stack([core.to_reference(x.float(), self.cfg) for x in grads], out=self.g)
+        for key, buffer in self.state.items():
+            torch.stack([s[key] for s in states], out=buffer)
+
+    def direction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(d, scale)``: ``u = d·scale``; advances the state buffers in place."""
+        d = fused.kernel_direction_(self.args, self.p, self.g, self.state, self.cfg.orthogonalize,
+                                    axes=self.axes)  # fmt: skip
+        return d, fused.unit_rms_scale(d)
+
+    def store(self, d: torch.Tensor, scale: torch.Tensor, params: Sequence[torch.Tensor],
+              states: Sequence[dict], *, lr: float, weight_decay: float) -> None:  # fmt: skip
+        # The per-tensor path's arithmetic, in the same order, over the stack.
+        if weight_decay:
+            self.p.mul_(1 - lr * weight_decay)
+        self.p.addcmul_(d, scale, value=-lr * self.cfg.step_mult)
+        news = [core.from_reference(x, self.cfg, q.shape) for x, q in zip(self.p.unbind(0), params)]
+        torch._foreach_copy_(list(params), news)
+        for key, buffer in self.state.items():
+            torch._foreach_copy_([s[key] for s in states], list(buffer.unbind(0)))
+
+
+class CapturedStack:
+    """A :class:`Stack` on CUDA whose :meth:`Stack.direction` is recorded once in a CUDA graph and
+    replayed each step: about 60 launches become one. The buffers are the graph's fixed inputs
+    and outputs, so a bucket keeps them (and the graph's memory pool) between steps."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        # Lazy initialisation (cuBLAS handles, workspaces) must not happen under capture: run it
+        # once on a side stream first. It only advances the buffers, which load() overwrites.
+        side = torch.cuda.Stream(stack.p.device)
+        side.wait_stream(torch.cuda.current_stream(stack.p.device))
+        with torch.cuda.stream(side):
+            stack.direction()
+        torch.cuda.current_stream(stack.p.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.out = stack.direction()
+
+    def step(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+             states: Sequence[dict], *, lr: float, weight_decay: float) -> None:  # fmt: skip
+        self.stack.load(params, grads, states)
+        self.graph.replay()
+        self.stack.store(*self.out, params, states, lr=lr, weight_decay=weight_decay)
+
+
 @torch.no_grad()
 def step_learned_stacked_(
     args: list[torch.Tensor],
@@ -57,20 +126,9 @@ def step_learned_stacked_(
 ) -> None:
     """One learned-branch step of float32 ``params`` that share a :func:`stack_key`, in place."""
     ref_shape = core.reference_shape(params[0].shape, cfg)
-    b, a = core.factored_axes(ref_shape)
-    p = torch.stack([core.to_reference(x, cfg) for x in params])
-    g = torch.stack([core.to_reference(x.float(), cfg) for x in grads])
-    keys = list(core.learned_state_shapes(ref_shape))
-    stacked = {key: torch.stack([s[key] for s in states]) for key in keys}
-    d = fused.kernel_direction_(args, p, g, stacked, cfg.orthogonalize, axes=(b + 1, a + 1))
-    # The per-tensor path's arithmetic, in the same order, over the stack.
-    if weight_decay:
-        p.mul_(1 - lr * weight_decay)
-    p.addcmul_(d, fused.unit_rms_scale(d), value=-lr * cfg.step_mult)
-    news = [core.from_reference(x, cfg, q.shape) for x, q in zip(p.unbind(0), params)]
-    torch._foreach_copy_(list(params), news)
-    for key in keys:
-        torch._foreach_copy_([s[key] for s in states], list(stacked[key].unbind(0)))
+    stack = Stack(args, ref_shape, len(params), cfg, params[0].device)
+    stack.load(params, grads, states)
+    stack.store(*stack.direction(), params, states, lr=lr, weight_decay=weight_decay)
 
 
 @torch.no_grad()

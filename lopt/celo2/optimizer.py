@@ -23,6 +23,7 @@ from . import core, fused, multi_tensor
 from .config import Celo2Config
 
 BACKENDS = ("auto", "torch", "cpp", "cuda")
+_MAX_CAPTURED = 64  # CUDA graphs one optimizer keeps (one per bucket of tensors stepping together)
 
 
 def _check_backend(cls: type, backend: str) -> str:
@@ -65,7 +66,11 @@ class Celo2(LearnedOptimizer):
     ``"torch"``, ``"cpp"`` or ``"cuda"``. ``foreach`` (also a param-group option) steps the
     Adam branch with multi-tensor ops and stacks same-shape tensors through the kernel
     (:mod:`lopt.celo2.multi_tensor`); ``None`` means on for CUDA tensors, as in ``torch.optim``.
-    It changes launches, not results.
+    It changes launches, not results. ``cuda_graphs=True`` goes further on CUDA: each bucket's
+    direction (accumulators, the op, Newton–Schulz, the rescale) is recorded once in a CUDA graph
+    and replayed, for a bucket's buffers and graph memory kept between steps (about the size of
+    the bucket's parameters and state again); the learning rate stays outside the graph, so
+    schedulers work.
     """
 
     architecture: ClassVar[str] = "celo2"
@@ -81,9 +86,13 @@ class Celo2(LearnedOptimizer):
         config: Any = None,
         *,
         foreach: bool | None = None,
+        cuda_graphs: bool = False,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         super().__init__(params, weights, config, **kwargs)
+        self.cuda_graphs = cuda_graphs
         self.defaults["foreach"] = foreach  # groups added later inherit it, as in torch.optim
         for group in self.param_groups:
             group.setdefault("foreach", foreach)
@@ -180,10 +189,30 @@ class Celo2(LearnedOptimizer):
             cache[device] = fused.theta_args(self._theta_on(device))
         return cache[device]
 
+    def _captured(
+        self, device: torch.device, ref_shape: tuple[int, ...], params: list[torch.Tensor]
+    ) -> multi_tensor.CapturedStack:
+        """The CUDA graph of one bucket, recorded the first time these tensors step together."""
+        cache = self.__dict__.setdefault("_captured_stacks", {})
+        key = (device, ref_shape, tuple(id(p) for p in params))
+        if key not in cache:
+            if len(cache) >= _MAX_CAPTURED:  # buckets keep changing: drop the old graphs
+                cache.clear()
+            stack = multi_tensor.Stack(self._args_on(device), ref_shape, len(params),
+                                       self.config, device)  # fmt: skip
+            cache[key] = multi_tensor.CapturedStack(stack)
+        return cache[key]
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_args_by_device", None)
+        state.pop("_captured_stacks", None)  # graphs are recorded again on the first step
+        state["cuda_graphs"] = self.cuda_graphs
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("cuda_graphs", False)
 
     def _update_group(
         self, group: dict[str, Any], work: list[TensorWork], *, loss: Any = None
@@ -204,7 +233,8 @@ class Celo2(LearnedOptimizer):
         for w, grad in zip(work, grads):
             device = w.param.device
             use_kernel = fused.resolve_backend(self.backend, device) == "kernel"
-            many = multi_tensor.wants_foreach(foreach, device)
+            graphs = self.cuda_graphs and device.type == "cuda"
+            many = multi_tensor.wants_foreach(foreach, device) or graphs
             if core.is_adam_state(w.state):
                 if many and w.param.dtype == torch.float32:
                     key = (device, float(w.state["step"]))
@@ -216,7 +246,12 @@ class Celo2(LearnedOptimizer):
                     learned_buckets.setdefault((device, ref_shape), []).append((w, grad))
                     continue
             alone.append((w, grad, use_kernel))
-        for (device, _), items in learned_buckets.items():
+        for (device, ref_shape), items in learned_buckets.items():
+            if self.cuda_graphs and device.type == "cuda":
+                params = [w.param for w, _ in items]
+                captured = self._captured(device, ref_shape, params)
+                captured.step(*_columns(items), lr=lr, weight_decay=wd)
+                continue
             if len(items) == 1:
                 alone.append((*items[0], True))
                 continue
