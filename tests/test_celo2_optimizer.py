@@ -619,11 +619,11 @@ def test_cuda_graphs_replay_what_the_eager_path_computes(conv_mode):
     for p, q in zip(eager, got):  # the same kernels, replayed
         torch.testing.assert_close(q, p, atol=1e-6, rtol=0)
     # a checkpoint of the graphed optimizer resumes (graphs are recorded again) identically
-    resumed = celo2.Celo2(got, make_theta("pylo_celo2"), config=opt.config, backend="cuda",
+    resumed = celo2.PyloCelo2(got, make_theta("pylo_celo2"), config=opt.config, backend="cuda",
                           cuda_graphs=True)  # fmt: skip
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     twin = [torch.nn.Parameter(p.detach().clone()) for p in got]
-    again = celo2.Celo2(twin, make_theta("pylo_celo2"), config=opt.config, backend="cuda")
+    again = celo2.PyloCelo2(twin, make_theta("pylo_celo2"), config=opt.config, backend="cuda")
     again.load_state_dict(copy.deepcopy(opt.state_dict()))
     for ps, o in ((got, resumed), (twin, again)):
         set_grads(ps, 9)
