@@ -1,6 +1,6 @@
 // CUDA kernel of lozoo::celo2_direction (the CPU library, celo2_cpu.cpp, defines the op and
 // documents its arguments). Two launches on the current stream: per-slice, per-channel sums of
-// squares (one double atomic per warp, slice and channel), advancing m and v in place, then one
+// squares (one double atomic per block, slice and channel), advancing m and v in place, then one
 // thread per element:
 // features → MLP with the slice's normaliser folded into w0 → direction. The fold runs as ATen ops
 // on the device in between, so nothing syncs the host. The per-element math is celo2_math.h,
@@ -68,11 +68,22 @@ __global__ void sums_kernel(View s, int channels, double* sums) {
     for (int c = 0; c < kChannels; ++c)
       if (c < channels) acc[c] += x[c] * x[c];
   }
+  // Warps reduce by shuffles, then the block through shared memory: one atomic per block and
+  // channel. (One per warp made thousands of atomics contend for the same 30 addresses of a
+  // slice; that serialisation, not the feature math, was most of this kernel's time.)
+  __shared__ double partial[kThreads / 32][kChannels];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int c = 0; c < channels; ++c) {
     double value = acc[c];
     for (int offset = 16; offset > 0; offset /= 2)
       value += __shfl_down_sync(0xffffffffu, value, offset);
-    if ((threadIdx.x & 31) == 0) atomicAdd(sums + l * kChannels + c, value);
+    if (lane == 0) partial[warp][c] = value;
+  }
+  __syncthreads();
+  if (threadIdx.x < channels) {
+    double total = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) total += partial[w][threadIdx.x];
+    atomicAdd(sums + l * kChannels + threadIdx.x, total);
   }
 }
 
