@@ -630,3 +630,55 @@ def test_cuda_graphs_replay_what_the_eager_path_computes(conv_mode):
         o.step()
     for p, q in zip(got, twin):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+class EagerCapture:
+    """Stands in for multi_tensor.CapturedStack on the CPU: the same buffers, no graph."""
+
+    made: list = []
+
+    def __init__(self, stack):
+        self.stack = stack
+        EagerCapture.made.append(stack.p.shape)
+
+    def step(self, params, grads, states, *, lr, weight_decay):
+        self.stack.load(params, grads, states)
+        self.stack.store(*self.stack.direction(), params, states, lr=lr, weight_decay=weight_decay)
+
+
+@needs_cpp
+def test_graph_buckets_are_kept_per_set_of_tensors_and_step_like_the_eager_path(monkeypatch):
+    from lopt.celo2 import multi_tensor
+
+    want, _ = run_foreach("celo2", True, "cpp", steps=5)
+    monkeypatch.setattr(multi_tensor, "graphs_apply", lambda enabled, device: enabled)
+    monkeypatch.setattr(multi_tensor, "CapturedStack", EagerCapture)
+    EagerCapture.made = []
+    got, opt = run_foreach("celo2", False, "cpp", steps=5, cuda_graphs=True)
+    for p, q in zip(want, got):
+        assert torch.equal(p, q)
+    # One per set of tensors stepping together, recorded once over 5 steps (shapes in the rule's
+    # frame): step 0 has one (6, 6), later steps both, a new set; a bucket of one has a graph too.
+    made = sorted(tuple(s) for s in EagerCapture.made)
+    assert made == [(1, 5, 9), (1, 6, 6), (2, 3, 3, 4, 4), (2, 6, 6), (3, 9, 5)]
+    assert len(opt._captured_stacks) == len(made)
+
+
+@needs_cpp
+def test_a_failed_graph_capture_warns_once_and_steps_without_graphs(monkeypatch):
+    from lopt.celo2 import multi_tensor
+
+    def refuse(stack):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    want, _ = run_foreach("celo2", True, "cpp")
+    monkeypatch.setattr(multi_tensor, "graphs_apply", lambda enabled, device: enabled)
+    monkeypatch.setattr(multi_tensor, "CapturedStack", refuse)
+    with pytest.warns(
+        RuntimeWarning, match=r"recording a CUDA graph failed \(operation not"
+    ) as rec:
+        got, opt = run_foreach("celo2", False, "cpp", cuda_graphs=True)
+    assert len([w for w in rec if "CUDA graph" in str(w.message)]) == 1
+    assert opt.cuda_graphs is False
+    for p, q in zip(want, got):
+        assert torch.equal(p, q)

@@ -32,6 +32,11 @@ def wants_foreach(foreach: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if foreach is None else foreach
 
 
+def graphs_apply(cuda_graphs: bool, device: torch.device) -> bool:
+    """Whether the ``cuda_graphs`` option records graphs for tensors on ``device``."""
+    return cuda_graphs and device.type == "cuda"
+
+
 def stack_key(param: torch.Tensor, cfg: Celo2Config) -> tuple[int, ...] | None:
     """The reference shape a learned tensor stacks under, or ``None`` if it steps alone.
 

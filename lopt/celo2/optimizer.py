@@ -8,6 +8,7 @@ family, the Adam branch and a per-group routing option.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
@@ -191,8 +192,9 @@ class Celo2(LearnedOptimizer):
 
     def _captured(
         self, device: torch.device, ref_shape: tuple[int, ...], params: list[torch.Tensor]
-    ) -> multi_tensor.CapturedStack:
-        """The CUDA graph of one bucket, recorded the first time these tensors step together."""
+    ) -> multi_tensor.CapturedStack | None:
+        """The CUDA graph of one bucket, recorded the first time these tensors step together;
+        ``None`` (with one warning, and graphs off from then on) if recording fails."""
         cache = self.__dict__.setdefault("_captured_stacks", {})
         key = (device, ref_shape, tuple(id(p) for p in params))
         if key not in cache:
@@ -200,7 +202,19 @@ class Celo2(LearnedOptimizer):
                 cache.clear()
             stack = multi_tensor.Stack(self._args_on(device), ref_shape, len(params),
                                        self.config, device)  # fmt: skip
-            cache[key] = multi_tensor.CapturedStack(stack)
+            try:
+                cache[key] = multi_tensor.CapturedStack(stack)
+            except RuntimeError as err:  # e.g. called inside another capture
+                self.cuda_graphs = False
+                cache.clear()
+                warnings.warn(
+                    f"{type(self).__name__}(cuda_graphs=True): recording a CUDA graph failed "
+                    f"({err}); stepping without graphs from now on (same results, more "
+                    "launches). Pass cuda_graphs=False to skip the attempt",
+                    RuntimeWarning,
+                    stacklevel=5,  # _captured, _update_group, step, no_grad's wrapper, caller
+                )
+                return None
         return cache[key]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -233,7 +247,7 @@ class Celo2(LearnedOptimizer):
         for w, grad in zip(work, grads):
             device = w.param.device
             use_kernel = fused.resolve_backend(self.backend, device) == "kernel"
-            graphs = self.cuda_graphs and device.type == "cuda"
+            graphs = multi_tensor.graphs_apply(self.cuda_graphs, device)
             many = multi_tensor.wants_foreach(foreach, device) or graphs
             if core.is_adam_state(w.state):
                 if many and w.param.dtype == torch.float32:
@@ -247,11 +261,11 @@ class Celo2(LearnedOptimizer):
                     continue
             alone.append((w, grad, use_kernel))
         for (device, ref_shape), items in learned_buckets.items():
-            if self.cuda_graphs and device.type == "cuda":
-                params = [w.param for w, _ in items]
-                captured = self._captured(device, ref_shape, params)
-                captured.step(*_columns(items), lr=lr, weight_decay=wd)
-                continue
+            if multi_tensor.graphs_apply(self.cuda_graphs, device):
+                captured = self._captured(device, ref_shape, [w.param for w, _ in items])
+                if captured is not None:
+                    captured.step(*_columns(items), lr=lr, weight_decay=wd)
+                    continue
             if len(items) == 1:
                 alone.append((*items[0], True))
                 continue
