@@ -14,6 +14,9 @@ element (the stacked GEMMs may round differently), and read and write the same s
 path can change between steps and checkpoints do not record it. The learned rule has no step
 count, so tensors at different steps stack together; the Adam branch's bias correction has one,
 so it steps tensors in buckets of one step count.
+
+With the shell's ``cuda_graphs=True`` a bucket keeps its stack (:class:`Stack`) and replays its
+direction from a CUDA graph (:class:`CapturedStack`).
 """
 
 from __future__ import annotations
