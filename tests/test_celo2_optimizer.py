@@ -551,6 +551,8 @@ def test_foreach_is_a_group_option_checked_at_construction():
     with pytest.raises(ValueError, match="foreach must be None .* got 1"):
         celo2.Celo2([{"params": params, "foreach": 1}], make_theta("celo2"))
     opt = celo2.Celo2([{"params": params[:1]}], make_theta("celo2"), foreach=True)
+    with pytest.raises(ValueError, match="foreach must be None .* got 'no'"):
+        opt.add_param_group({"params": params[1:], "foreach": "no"})
     opt.add_param_group({"params": params[1:], "foreach": False})
     assert [g["foreach"] for g in opt.param_groups] == [True, False]
 

@@ -36,6 +36,13 @@ def _check_backend(cls: type, backend: str) -> str:
     return backend
 
 
+def _check_foreach(foreach: Any) -> None:
+    if foreach is not None and not isinstance(foreach, bool):
+        raise ValueError(
+            f"foreach must be None (on for CUDA tensors), True or False, got {foreach!r}"
+        )
+
+
 def _columns(
     items: list[tuple[TensorWork, torch.Tensor]],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[dict]]:
@@ -92,16 +99,16 @@ class Celo2(LearnedOptimizer):
     ) -> None:
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
-        super().__init__(params, weights, config, **kwargs)
+        _check_foreach(foreach)
+        super().__init__(params, weights, config, **kwargs)  # checks each group's own foreach
         self.cuda_graphs = cuda_graphs
         self.defaults["foreach"] = foreach  # groups added later inherit it, as in torch.optim
         for group in self.param_groups:
             group.setdefault("foreach", foreach)
-            if group["foreach"] is not None and not isinstance(group["foreach"], bool):
-                raise ValueError(
-                    f"foreach must be None (on for CUDA tensors), True or False, got "
-                    f"{group['foreach']!r}"
-                )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_foreach(param_group.get("foreach"))
+        super().add_param_group(param_group)
 
     @classmethod
     def check_backend(cls, backend: str) -> str:
