@@ -42,6 +42,7 @@ __all__ = [
     "HELDOUT_ADAM_LRS",
     "HELDOUT_EVAL_SEED",
     "HeldoutMonitor",
+    "best_point",
     "final_score",
     "plot_curve",
     "read_curve",
@@ -280,6 +281,13 @@ def read_curve(run_dir: str | Path) -> list[dict[str, float]]:
         raise ValueError(f"{run_dir}: no {CURVE_FILE}; was the run made with --heldout-tasks 0?")
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     return sorted(lines, key=lambda x: x["step"])
+
+
+def best_point(curve: list[dict[str, float]]) -> dict[str, float] | None:
+    """The evaluation whose θ the monitor kept as :data:`BEST_FILE`: the lowest ratio among
+    evaluations with no diverged task (the first of equals); ``None`` if every one diverged."""
+    kept = [x for x in curve if x["heldout_diverged"] == 0]
+    return min(kept, key=lambda x: x["heldout_ratio"]) if kept else None
 
 
 def plot_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:

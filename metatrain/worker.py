@@ -89,7 +89,11 @@ def build_estimator(
             problem, cfg.num_tasks, NeverEnding(), 0, derive_seed(seed, TAG_UNROLL)
         )
         est: Estimator = FullES(
-            unroll, lengths, cfg.sigma, shaping, cfg.full_es_reduce,
+            unroll,
+            lengths,
+            cfg.sigma,
+            shaping,
+            cfg.full_es_reduce,
             derive_seed(seed, TAG_FULL_ES_LENGTHS),
         )
     else:

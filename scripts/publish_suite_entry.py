@@ -9,6 +9,9 @@ the quality-against-meta-training-time curve (``heldout.jsonl``, ``heldout.png``
 one; e.g. a reduced-setting run and a long-horizon run). Each suite report must have evaluated
 exactly these weights: the same θ and, when the report records it, the same config.
 
+``--weights FILE`` publishes another weights file of the run dir than its final θ, e.g.
+``theta_best.safetensors`` (the θ of the best held-out evaluation; the entry records its step).
+
 ``--lopt-option KEY=VALUE`` (repeatable) publishes the run's θ under a changed config, for fields
 that change how the rule is applied rather than what was learned (e.g. ``conv_mode=matrix`` for
 Celo2: the meta-training tasks had no convolutions); the suites must have evaluated that config.
@@ -25,7 +28,7 @@ import zoo
 from metatrain.config import key_value_option
 from metatrain.evaluation.source import resolve_optimizer
 from metatrain.generalisation.write import suite_card_metrics
-from metatrain.heldout import plot_curve, read_curve
+from metatrain.heldout import BEST_FILE, best_point, plot_curve, read_curve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=None, help="zoo root (default: user zoo)")
     parser.add_argument("--description", type=Path, help="markdown put at the top of the card")
     parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="a weights file of the run dir to publish instead of its final θ, e.g. "
+        f"{BEST_FILE} (the best held-out θ)",
+    )
+    parser.add_argument(
         "--lopt-option",
         type=key_value_option("--lopt-option"),
         action="append",
@@ -46,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    source = resolve_optimizer(str(args.run_dir))
+    try:
+        source = resolve_optimizer(str(args.run_dir), args.weights)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     config = source.config
     if args.lopt_option:
         try:
@@ -60,6 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     if record.get("init_from"):
         meta["init_from"] = record["init_from"]
     curve = read_curve(args.run_dir)
+    if args.weights is not None:
+        meta["weights_file"] = args.weights
+        best = best_point(curve) if args.weights == BEST_FILE else None
+        if best is not None:
+            meta["weights_step"] = best["step"]
     metrics: dict[str, dict[str, str]] = {
         f"held-out at step {x['step']} ({x['elapsed_s'] / 60:.1f} min)": {
             "learned final train loss": f"{x['heldout_train_loss']:.4g}",

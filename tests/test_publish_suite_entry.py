@@ -188,3 +188,44 @@ def test_refusals_name_the_problem_and_write_nothing(
     assert _is_empty(root)
     after = curve_png.stat().st_mtime_ns if curve_png.exists() else None
     assert after == before  # a refused publish leaves the run dir as it was
+
+
+def test_weights_publishes_the_best_held_out_theta_and_records_its_step(script, run_dir, tmp_path):
+    from metatrain.heldout import BEST_FILE, best_point, read_curve
+
+    best_file = run_dir / BEST_FILE
+    assert best_file.is_file()  # the monitor keeps it
+    suite = _suite_of(tmp_path / "suite", best_file)
+    root = tmp_path / "zoo"
+    argv = [str(run_dir), suite, "--name", NAME, "--root", str(root)]
+    script.main([*argv, "--weights", BEST_FILE])
+    entry = zoo.load(NAME, root=root)
+    theta, _ = lopt.load_theta(best_file)
+    assert entry.theta_sha256 == lopt.theta_sha256(theta)
+    assert entry.meta["weights_file"] == BEST_FILE
+    curve = read_curve(run_dir)
+    assert entry.meta["weights_step"] == best_point(curve)["step"]
+    ratios = [x["heldout_ratio"] for x in curve if x["heldout_diverged"] == 0]
+    assert best_point(curve)["heldout_ratio"] == min(ratios)
+
+
+def test_weights_refusals_name_the_file_and_write_nothing(script, run_dir, tmp_path):
+    suite = _suite_of(tmp_path / "suite", run_dir)
+    root = tmp_path / "zoo"
+    argv = [str(run_dir), suite, "--name", NAME, "--root", str(root)]
+    with pytest.raises(SystemExit, match="weights file 'nope.safetensors' not found in"):
+        script.main([*argv, "--weights", "nope.safetensors"])
+    assert _is_empty(root)
+
+
+def test_best_point_skips_diverged_evaluations_and_keeps_the_first_of_equals():
+    from metatrain.heldout import best_point
+
+    curve = [
+        {"step": 0, "heldout_ratio": 2.0, "heldout_diverged": 0.0},
+        {"step": 1, "heldout_ratio": 0.5, "heldout_diverged": 1.0},
+        {"step": 2, "heldout_ratio": 1.5, "heldout_diverged": 0.0},
+        {"step": 3, "heldout_ratio": 1.5, "heldout_diverged": 0.0},
+    ]
+    assert best_point(curve)["step"] == 2
+    assert best_point(curve[1:2]) is None

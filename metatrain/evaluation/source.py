@@ -51,17 +51,21 @@ class LearnedSource:
         }
 
 
-def resolve_optimizer(ref: str) -> LearnedSource:
+def resolve_optimizer(ref: str, weights_file: str | None = None) -> LearnedSource:
     """Load REF; raises ``ValueError`` with one clear line if it is none of the accepted kinds.
 
     A directory wins over a zoo reference of the same spelling only if it holds weights, so that
     ``runs/mnist`` (a run dir) and ``small_fc_lopt/mlp_mnist`` (a zoo name) both do the obvious.
+    ``weights_file`` picks a run directory's weights by name (e.g. ``theta_best.safetensors``,
+    the best held-out θ) instead of its final θ.
     """
     path = Path(ref).expanduser()
     note = ""
+    if weights_file is not None and not path.is_dir():
+        raise ValueError(f"weights file {weights_file!r}: {ref!r} is not a run directory")
     if path.is_dir():
-        if any((path / name).is_file() for name in _WEIGHT_FILES):
-            return _from_run_dir(ref, path)
+        if weights_file is not None or any((path / name).is_file() for name in _WEIGHT_FILES):
+            return _from_run_dir(ref, path, weights_file)
         note = f" (the directory holds no {' or '.join(_WEIGHT_FILES)}: is the run finished?)"
     if path.is_file():
         return _from_file(ref, path)
@@ -87,11 +91,11 @@ def resolve_optimizer(ref: str) -> LearnedSource:
     )
 
 
-def _from_run_dir(ref: str, path: Path) -> LearnedSource:
+def _from_run_dir(ref: str, path: Path, weights_file: str | None = None) -> LearnedSource:
     import zoo
 
     try:
-        theta, cfg, meta = zoo.read_run_dir(path)
+        theta, cfg, meta = zoo.read_run_dir(path, weights_file)
     except (zoo.ZooError, OSError, ValueError) as err:
         raise ValueError(f"--optimizer {ref!r}: cannot read the run directory: {err}") from None
     run_config = _read_json(path / "config.json")
