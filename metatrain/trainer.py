@@ -236,6 +236,10 @@ def train(
             "command": command,
             "task_configs": getattr(executor, "task_configs", lambda: [])(),
         }
+        earlier = _read_config_record(run_dir) if resume else {}
+        if earlier.get("command"):  # the command that made the run stays its command
+            record["command"] = earlier["command"]
+            record["resumed_with"] = [*earlier.get("resumed_with", []), command]
         init_record = (
             init.record
             if init is not None

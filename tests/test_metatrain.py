@@ -302,9 +302,17 @@ def test_cli_run_and_resume(tmp_path, capsys):
     ]
     assert cli_main(argv) == 0
     assert "final θ:" in capsys.readouterr().out
+    first = json.loads((run / "config.json").read_text())["command"]
+    assert "--task-family mlp_mnist" in first
     assert cli_main(["--resume", str(run), "--outer-steps", "6", "--no-progress"]) == 0
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(6))
+    # the run's command stays the one that made it; each resume is recorded after it
+    record = json.loads((run / "config.json").read_text())
+    assert record["command"] == first
+    assert record["resumed_with"] == [
+        f"python -m metatrain --resume {run} --outer-steps 6 --no-progress"
+    ]
     assert cli_main(["--resume", str(run), "--sigma", "0.1"]) == 2
     assert "cannot change --sigma when resuming" in capsys.readouterr().err
 
