@@ -12,7 +12,8 @@ import zoo
 from tests.task_training import sample_problem, train_losses
 
 ENTRIES = ["small_fc_lopt/mixture_8x8", "celo2/mixture_8x8"]
-LATEST = {"small_fc_lopt/mixture_8x8": "1.0.1", "celo2/mixture_8x8": "1.2.0"}
+LATEST = {"small_fc_lopt/mixture_8x8": "1.0.1", "celo2/mixture_8x8": "1.3.0"}
+MIXTURE = "mlp_mnist,mlp_fashion_mnist,mlp_digits"
 
 
 @pytest.mark.parametrize("name", ENTRIES)
@@ -22,8 +23,8 @@ def test_bundled_mixture_entry_verifies_and_records_its_run(name, monkeypatch, t
     assert entry.bundled and entry.ref == f"{name}:{LATEST[name]}"
     assert [r.ok for r in zoo.verify(name)] == [True]
     meta = entry.meta
-    assert meta["task_family"] == "mlp_mnist,mlp_fashion_mnist,mlp_digits"
-    assert "--preset celo2" in meta["command"] and meta["seed"] == 0
+    assert meta["task_family"].startswith(MIXTURE)
+    assert meta["command"].startswith("python -m metatrain ") and "--seed" in meta["command"]
     assert meta["metatrain_config"]["task_option"]["reparam_scale"] == [1e-3, 1e3]
     for key in ("heldout.png", "heldout.jsonl", "suite.json", "suite_table.md"):
         assert key in meta["files"], key
@@ -32,15 +33,14 @@ def test_bundled_mixture_entry_verifies_and_records_its_run(name, monkeypatch, t
     assert meta["generalisation_suite"][0]["seeds"] == 3
 
 
-def test_the_default_celo2_entry_is_the_run_theta_under_its_deployment_settings(
-    monkeypatch, tmp_path
-):
+def test_celo2_1_1_and_1_2_are_the_first_run_theta_under_deployment_settings(monkeypatch, tmp_path):
     """1.1.0 and 1.2.0 are 1.0.0's θ with fields that change how the rule is applied (conv kernels
     as matrices; the Adam branch's multiplier); each card records the change from the run, and
     1.2.0's suite ran the learned optimizer with Muon's split (its identity's io_group)."""
     monkeypatch.setenv("LOZOO_ZOO", str(tmp_path / "empty-user-zoo"))
-    new = zoo.load("celo2/mixture_8x8")
+    new = zoo.load("celo2/mixture_8x8:1.2.0")
     mid, old = zoo.load("celo2/mixture_8x8:1.1.0"), zoo.load("celo2/mixture_8x8:1.0.0")
+    assert "--preset celo2" in old.meta["command"] and old.meta["seed"] == 0
     assert new.theta_sha256 == mid.theta_sha256 == old.theta_sha256
     assert (old.config.conv_mode, mid.config.conv_mode, new.config.conv_mode) == (
         "slices",
@@ -58,6 +58,26 @@ def test_the_default_celo2_entry_is_the_run_theta_under_its_deployment_settings(
     identity = suite["config"]["optimizer_spec"]["identity"]
     assert identity["io_group"] == {"adam": True}
     assert identity["config"]["adam_lr_mult"] == 5.0
+
+
+def test_the_default_celo2_entry_continues_1_2_with_a_conv_family_and_is_its_best_held_out_theta(
+    monkeypatch, tmp_path
+):
+    """1.3.0 is a run started from 1.2.0 under 1.2.0's deployment settings, with conv_mnist added
+    to the mixture; the published θ is that run's best held-out checkpoint (not its final θ)."""
+    monkeypatch.setenv("LOZOO_ZOO", str(tmp_path / "empty-user-zoo"))
+    new, parent = zoo.load("celo2/mixture_8x8"), zoo.load("celo2/mixture_8x8:1.2.0")
+    meta = new.meta
+    assert meta["init_from"]["resolved"] == "celo2/mixture_8x8:1.2.0"
+    assert meta["init_from"]["theta_sha256"] == parent.theta_sha256 != new.theta_sha256
+    assert meta["task_family"] == MIXTURE + ",conv_mnist"
+    assert (new.config.conv_mode, new.config.adam_lr_mult) == ("matrix", 5.0)
+    assert new.config == parent.config  # meta-trained under the settings it is deployed with
+    assert "config_changed_from_run" not in meta
+    assert meta["weights_file"] == "theta_best.safetensors" and meta["weights_step"] == 500
+    suite = json.loads((new.path / "suite.json").read_text())
+    identity = suite["config"]["optimizer_spec"]["identity"]
+    assert identity["io_group"] == {"adam": True} and identity["theta_sha256"] == new.theta_sha256
 
 
 @pytest.mark.parametrize("name", ENTRIES)
