@@ -236,6 +236,17 @@ def test_auto_falls_back_loudly_when_the_kernel_is_missing(monkeypatch):
         run("celo2", [(4, 4)], steps=1)  # once per process and device type
 
 
+@pytest.mark.parametrize("foreach", [False, True])
+def test_adam_branch_tensors_resolve_no_kernel_backend(monkeypatch, foreach):
+    """The Adam branch has no kernel, so a group of only rank <= 1 tensors never reaches the
+    missing-kernel fallback (nor its warning)."""
+    monkeypatch.setattr(fused, "op_is_available", lambda device="cpu": False)
+    monkeypatch.setattr(fused, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run("celo2", [(7,), ()], steps=2, foreach=foreach)
+
+
 # -- the compiled CPU kernel ------------------------------------------------------------------
 needs_cpp = pytest.mark.skipif(not fused.op_is_available("cpu"), reason="CPU kernel not built")
 

@@ -253,16 +253,17 @@ class Celo2(LearnedOptimizer):
         alone: list[tuple[TensorWork, torch.Tensor, bool]] = []
         for w, grad in zip(work, grads):
             device = w.param.device
-            use_kernel = fused.resolve_backend(self.backend, device) == "kernel"
             graphs = multi_tensor.graphs_apply(self.cuda_graphs, device)
             many = multi_tensor.wants_foreach(foreach, device) or graphs
+            use_kernel = False  # the Adam branch has no kernel: no backend to resolve for it
             if core.is_adam_state(w.state):
                 if many and w.param.dtype == torch.float32:
                     key = (device, float(w.state["step"]))
                     adam_buckets.setdefault(key, []).append((w, grad))
                     continue
-            elif many and use_kernel:
-                ref_shape = multi_tensor.stack_key(w.param, cfg)
+            else:
+                use_kernel = fused.resolve_backend(self.backend, device) == "kernel"
+                ref_shape = multi_tensor.stack_key(w.param, cfg) if many and use_kernel else None
                 if ref_shape is not None:
                     learned_buckets.setdefault((device, ref_shape), []).append((w, grad))
                     continue
