@@ -66,10 +66,11 @@ class Stack:
         self.args, self.cfg = args, cfg
         b, a = core.factored_axes(ref_shape)
         self.axes = (b + 1, a + 1)  # each tensor's own factored axes, past the stacking axis
-        self.p = torch.zeros((k, *ref_shape), device=device)
-        self.g = torch.zeros_like(self.p)
+        # load() fills every buffer before each direction(): no need to clear them here
+        self.p = torch.empty((k, *ref_shape), device=device)
+        self.g = torch.empty_like(self.p)
         shapes = core.learned_state_shapes(ref_shape)
-        self.state = {key: torch.zeros((k, *shape), device=device) for key, shape in shapes.items()}
+        self.state = {key: torch.empty((k, *shape), device=device) for key, shape in shapes.items()}
 
     def load(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
              states: Sequence[dict]) -> None:  # fmt: skip
@@ -104,7 +105,10 @@ class CapturedStack:
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         # Lazy initialisation (cuBLAS handles, workspaces) must not happen under capture: run it
-        # once on a side stream first. It only advances the buffers, which load() overwrites.
+        # once on a side stream first, on zeroed buffers (they are empty until the first load).
+        # It only advances the buffers, which load() overwrites.
+        for buffer in (stack.p, stack.g, *stack.state.values()):
+            buffer.zero_()
         side = torch.cuda.Stream(stack.p.device)
         side.wait_stream(torch.cuda.current_stream(stack.p.device))
         with torch.cuda.stream(side):
