@@ -41,8 +41,8 @@ from .config import MetaTrainConfig
 __all__ = [
     "HELDOUT_ADAM_LRS",
     "HELDOUT_EVAL_SEED",
+    "HELDOUT_STEP_KEY",
     "HeldoutMonitor",
-    "best_point",
     "final_score",
     "plot_curve",
     "read_curve",
@@ -53,6 +53,8 @@ HELDOUT_ADAM_LRS = (1e-3, 3e-3, 1e-2)
 BASELINE_FILE = "heldout_adam.json"
 CURVE_FILE = "heldout.jsonl"
 BEST_FILE = "theta_best.safetensors"
+HELDOUT_STEP_KEY = "lozoo.heldout.step"
+"""Metadata key of :data:`BEST_FILE`: the outer step of the evaluation that kept it."""
 
 
 def final_score(train_loss: torch.Tensor) -> float:
@@ -246,7 +248,7 @@ class HeldoutMonitor:
                 self.run_dir / BEST_FILE,
                 {k: v.clone() for k, v in theta.items()},
                 lopt_config,
-                {"lozoo.heldout.step": str(step), "lozoo.heldout.ratio": f"{ratio:.6g}"},
+                {HELDOUT_STEP_KEY: str(step), "lozoo.heldout.ratio": f"{ratio:.6g}"},
             )
         return metrics
 
@@ -281,13 +283,6 @@ def read_curve(run_dir: str | Path) -> list[dict[str, float]]:
         raise ValueError(f"{run_dir}: no {CURVE_FILE}; was the run made with --heldout-tasks 0?")
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     return sorted(lines, key=lambda x: x["step"])
-
-
-def best_point(curve: list[dict[str, float]]) -> dict[str, float] | None:
-    """The evaluation whose θ the monitor kept as :data:`BEST_FILE`: the lowest ratio among
-    evaluations with no diverged task (the first of equals); ``None`` if every one diverged."""
-    kept = [x for x in curve if x["heldout_diverged"] == 0]
-    return min(kept, key=lambda x: x["heldout_ratio"]) if kept else None
 
 
 def plot_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:

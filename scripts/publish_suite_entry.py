@@ -28,7 +28,7 @@ import zoo
 from metatrain.config import key_value_option
 from metatrain.evaluation.source import resolve_optimizer
 from metatrain.generalisation.write import suite_card_metrics
-from metatrain.heldout import BEST_FILE, best_point, plot_curve, read_curve
+from metatrain.heldout import BEST_FILE, HELDOUT_STEP_KEY, plot_curve, read_curve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     curve = read_curve(args.run_dir)
     if args.weights is not None:
         meta["weights_file"] = args.weights
-        best = best_point(curve) if args.weights == BEST_FILE else None
-        if best is not None:
-            meta["weights_step"] = best["step"]
+        # the held-out monitor writes the step into the weights file it keeps
+        step = lopt.weights.read_header(args.run_dir / args.weights).get(HELDOUT_STEP_KEY)
+        if step is not None:
+            meta["weights_step"] = int(step)
     metrics: dict[str, dict[str, str]] = {
         f"held-out at step {x['step']} ({x['elapsed_s'] / 60:.1f} min)": {
             "learned final train loss": f"{x['heldout_train_loss']:.4g}",

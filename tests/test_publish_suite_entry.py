@@ -191,7 +191,7 @@ def test_refusals_name_the_problem_and_write_nothing(
 
 
 def test_weights_publishes_the_best_held_out_theta_and_records_its_step(script, run_dir, tmp_path):
-    from metatrain.heldout import BEST_FILE, best_point, read_curve
+    from metatrain.heldout import BEST_FILE, read_curve
 
     best_file = run_dir / BEST_FILE
     assert best_file.is_file()  # the monitor keeps it
@@ -203,10 +203,10 @@ def test_weights_publishes_the_best_held_out_theta_and_records_its_step(script, 
     theta, _ = lopt.load_theta(best_file)
     assert entry.theta_sha256 == lopt.theta_sha256(theta)
     assert entry.meta["weights_file"] == BEST_FILE
-    curve = read_curve(run_dir)
-    assert entry.meta["weights_step"] == best_point(curve)["step"]
-    ratios = [x["heldout_ratio"] for x in curve if x["heldout_diverged"] == 0]
-    assert best_point(curve)["heldout_ratio"] == min(ratios)
+    # the step of the best held-out evaluation: lowest ratio, no diverged task, first of equals
+    kept = [x for x in read_curve(run_dir) if x["heldout_diverged"] == 0]
+    best = min(kept, key=lambda x: x["heldout_ratio"])
+    assert entry.meta["weights_step"] == best["step"]
 
 
 def test_weights_refusals_name_the_file_and_write_nothing(script, run_dir, tmp_path):
@@ -216,16 +216,3 @@ def test_weights_refusals_name_the_file_and_write_nothing(script, run_dir, tmp_p
     with pytest.raises(SystemExit, match="weights file 'nope.safetensors' not found in"):
         script.main([*argv, "--weights", "nope.safetensors"])
     assert _is_empty(root)
-
-
-def test_best_point_skips_diverged_evaluations_and_keeps_the_first_of_equals():
-    from metatrain.heldout import best_point
-
-    curve = [
-        {"step": 0, "heldout_ratio": 2.0, "heldout_diverged": 0.0},
-        {"step": 1, "heldout_ratio": 0.5, "heldout_diverged": 1.0},
-        {"step": 2, "heldout_ratio": 1.5, "heldout_diverged": 0.0},
-        {"step": 3, "heldout_ratio": 1.5, "heldout_diverged": 0.0},
-    ]
-    assert best_point(curve)["step"] == 2
-    assert best_point(curve[1:2]) is None
