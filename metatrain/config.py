@@ -16,7 +16,7 @@ from typing import Any
 
 from .estimators import ESTIMATOR_NAMES
 from .shaping import SHAPINGS
-from .unroll import LOPT_BACKENDS
+from .unroll import LOPT_BACKENDS, check_meta_split
 
 EXECUTORS = ("auto", "serial", "ray")
 RAY_MODES = ("sync", "async")
@@ -72,6 +72,13 @@ class MetaTrainConfig:
         "lopt update in the unroll: torch (vmapped pure-torch core, the reference), cpp (fused "
         "CPU kernel per lane, parity-tested) or auto (cpp when the kernel loads)",
         choices=LOPT_BACKENDS,
+    )
+    meta_loss_split: str = _f(
+        "train",
+        "what the meta-objective scores per inner step: train (the pre-update loss on the "
+        "training batch; every published recipe), or a split (outer_valid) on which the "
+        "post-update params are scored with a fresh batch, so θ is rewarded for what "
+        "generalises; test is refused (final reports only)",
     )
     # -- estimator --------------------------------------------------------------------------------
     estimator: str = _f("pes", "gradient estimator", choices=ESTIMATOR_NAMES)
@@ -154,6 +161,10 @@ class MetaTrainConfig:
 
         for name in self.families:
             tasks.get_family(name, **self.family_options(name))  # bad names/options fail here
+        try:
+            check_meta_split(self.meta_loss_split, tasks.Task.splits)
+        except ValueError as err:
+            raise ValueError(f"--meta-loss-split: {err}") from None
         if self.estimator not in ESTIMATOR_NAMES:
             raise ValueError(
                 f"unknown estimator {self.estimator!r}; valid: {', '.join(ESTIMATOR_NAMES)}"

@@ -8,7 +8,8 @@ Adam on the same tasks, inits and batches (Adam's best of a 3-point learning-rat
 once per run and cached in ``heldout_adam.json``). One line per evaluation goes to
 ``RUN_DIR/heldout.jsonl`` and to TensorBoard under ``heldout/``, so "quality against
 meta-training time" is a curve of every run. The θ with the best held-out ratio so far is kept
-as ``RUN_DIR/theta_best.safetensors``.
+as ``RUN_DIR/theta_best.safetensors`` (by the validation-loss ratio instead when the run
+meta-trains on a validation split, ``--meta-loss-split``).
 
 Held-out tasks are drawn from the run's families with the run's task options, except the
 weight-rescaling augmentation (``reparam_scale``): quality is measured on the tasks as a user
@@ -114,6 +115,11 @@ class HeldoutMonitor:
             )
         self.eval_seconds = 0.0
         self.best_ratio = math.inf
+        # θ is kept by the quantity the run meta-trains for: train loss, or validation loss
+        # under a validation meta-objective (--meta-loss-split)
+        self.selection_key = (
+            "heldout_ratio" if cfg.meta_loss_split == "train" else "heldout_valid_ratio"
+        )
         self.adam = self._adam_baseline()
 
     # -- one held-out training run per task ---------------------------------------------------
@@ -205,12 +211,17 @@ class HeldoutMonitor:
             diverged = not math.isfinite(score) or score > 1.05 * float(train_loss[0])
             rows.append((item.family, score, valid, adam, diverged))
         ratios = [min(s / max(a["train_loss"], 1e-12), 1e6) for _, s, _, a, _ in rows]
+        valid_ratios = [
+            min(v / max(a["valid_loss"], 1e-12), 1e6) if math.isfinite(v) else 1e6
+            for _, _, v, a, _ in rows
+        ]
         metrics = {
             "heldout_train_loss": _mean([s for _, s, _, _, _ in rows]),
             "heldout_valid_loss": _mean([v for _, _, v, _, _ in rows]),
             "heldout_adam_train_loss": _mean([a["train_loss"] for _, _, _, a, _ in rows]),
             "heldout_adam_valid_loss": _mean([a["valid_loss"] for _, _, _, a, _ in rows]),
             "heldout_ratio": _mean(ratios),
+            "heldout_valid_ratio": _mean(valid_ratios),
             "heldout_diverged": float(sum(d for *_, d in rows)),
         }
         for name in self.cfg.families:
@@ -240,7 +251,7 @@ class HeldoutMonitor:
             for key, value in metrics.items():
                 if math.isfinite(value):
                     writer.add_scalar("heldout/" + key.removeprefix("heldout_"), value, step)
-        ratio = metrics["heldout_ratio"]
+        ratio = metrics[self.selection_key]
         if metrics["heldout_diverged"] == 0 and ratio < self.best_ratio:
             self.best_ratio = ratio
             theta = lopt.unflatten_theta(theta_flat.detach().clone(), lopt_config)
@@ -248,7 +259,11 @@ class HeldoutMonitor:
                 self.run_dir / BEST_FILE,
                 {k: v.clone() for k, v in theta.items()},
                 lopt_config,
-                {HELDOUT_STEP_KEY: str(step), "lozoo.heldout.ratio": f"{ratio:.6g}"},
+                {
+                    HELDOUT_STEP_KEY: str(step),
+                    "lozoo.heldout.ratio": f"{ratio:.6g}",
+                    "lozoo.heldout.selected_by": self.selection_key,
+                },
             )
         return metrics
 
@@ -266,7 +281,8 @@ class HeldoutMonitor:
             if line["step"] <= start:
                 kept.append(line)
         path.write_text("".join(json.dumps(x) + "\n" for x in kept))
-        clean = [x["heldout_ratio"] for x in kept if x.get("heldout_diverged", 1) == 0]
+        key = self.selection_key
+        clean = [x[key] for x in kept if x.get("heldout_diverged", 1) == 0 and key in x]
         self.best_ratio = min(clean, default=math.inf)
         if kept:
             self.eval_seconds = kept[-1].get("heldout_eval_s", 0.0)
@@ -333,12 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}")
         return 2
-    print("step  minutes  train_loss  adam_loss  ratio  diverged")
+    print("step  minutes  train_loss  adam_loss  ratio  valid_ratio  diverged")
     for x in curve:
         print(
             f"{x['step']:>5} {x['elapsed_s'] / 60:8.1f} {x['heldout_train_loss']:11.4f} "
             f"{x['heldout_adam_train_loss']:10.4f} {x['heldout_ratio']:6.3f} "
-            f"{int(x['heldout_diverged']):>9}"
+            f"{x.get('heldout_valid_ratio', math.nan):12.3f} {int(x['heldout_diverged']):>9}"
         )
     print(f"wrote {plot_curve(args.run_dir, args.out)}")
     return 0

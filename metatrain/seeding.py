@@ -13,8 +13,10 @@ __all__ = [
     "ESTIMATOR_TAGS",
     "METATRAIN_TAGS",
     "RUN_TAGS",
+    "STREAM_TAGS",
     "TAG_ESTIMATOR",
     "TAG_FULL_ES_LENGTHS",
+    "TAG_META_STREAM",
     "TAG_PERTURBATION",
     "TAG_STREAMS",
     "TAG_THETA_INIT",
@@ -36,7 +38,11 @@ TAG_UNROLL = 2  # its lanes: task configs, inits, trajectory lengths
 TAG_FULL_ES_LENGTHS = 3  # full ES trajectory lengths
 ESTIMATOR_TAGS = (TAG_STREAMS, TAG_UNROLL, TAG_FULL_ES_LENGTHS)
 
-METATRAIN_TAGS = tuple(sorted(set(RUN_TAGS + ESTIMATOR_TAGS)))
+# derive_seed(stream_seed, TAG), stream_seed = derive_seed(estimator_seed, TAG_STREAMS)
+TAG_META_STREAM = 1  # the meta-objective's batches of a non-train --meta-loss-split
+STREAM_TAGS = (TAG_META_STREAM,)
+
+METATRAIN_TAGS = tuple(sorted(set(RUN_TAGS + ESTIMATOR_TAGS + STREAM_TAGS)))
 """Every tag a meta-training run hashes (the second word of its seed tuples)."""
 
 

@@ -382,11 +382,13 @@ def _loop(
                 if monitor is not None and stop.signum is None:
                     heldout = monitor.record(done, elapsed, learner.theta, lopt_cfg, writer)
                     log.info(
-                        "step %d: held-out train loss %.4f (Adam %.4f, ratio %.3f)",
+                        "step %d: held-out train loss %.4f (Adam %.4f, ratio %.3f; valid "
+                        "ratio %.3f)",
                         done,
                         heldout["heldout_train_loss"],
                         heldout["heldout_adam_train_loss"],
                         heldout["heldout_ratio"],
+                        heldout["heldout_valid_ratio"],
                     )
             if stop.signum is not None:
                 raise RunInterrupted(run_dir, done, stop.signum)

@@ -20,6 +20,7 @@ from lopt.nonfinite import guarded_update
 from lopt.tree import tree_map, tree_stack
 
 from .schedules import NeverEnding, Schedule
+from .seeding import TAG_META_STREAM, derive_seed
 
 TensorTree = dict[str, Any]
 LOPT_BACKENDS = ("torch", "cpp", "auto")
@@ -60,6 +61,19 @@ class LaneProblem(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def check_meta_split(meta_split: str, splits: tuple[str, ...]) -> None:
+    """Refuse a meta-objective split the task lacks, and ``"test"`` (final reports only)."""
+    if meta_split == "test":
+        raise ValueError(
+            "meta-loss split 'test' is refused: the test split is kept for final reports; "
+            "meta-train on 'outer_valid' instead"
+        )
+    if meta_split not in splits:
+        raise ValueError(
+            f"unknown meta-loss split {meta_split!r}; this task has: {', '.join(splits)}"
+        )
+
+
 def _pairs_to_lanes(tree: TensorTree) -> TensorTree:
     """[N, ...] → [2N, ...]: the + and − copies of every pair."""
     return tree_map(lambda x: torch.cat([x, x]), tree)
@@ -77,6 +91,14 @@ class TaskLanes:
     small_fc_lopt one fused op call per parameter tensor for all lanes, parity-tested against the
     vmapped core), which updates the lane state **in place**. ``"auto"`` picks ``"cpp"`` when the
     architecture has a lane update and the kernel loads. No autograd graph survives a slot.
+
+    The per-lane loss a slot returns is the meta-objective's (meta_training.md §2.5). With
+    ``meta_split=split`` (the default) it is the pre-update loss on the slot's training batch, a
+    by-product of the inner gradient. Any other split of the task (``"outer_valid"``) scores the
+    *post-update* params on a fresh batch of that split, drawn in step with the training batch
+    (lanes ``i`` and ``i+N`` share it): the objective then rewards what generalises past the
+    inner training data, at the cost of one extra forward per slot. ``"test"`` is refused: it is
+    kept for final reports.
     """
 
     def __init__(
@@ -89,7 +111,9 @@ class TaskLanes:
         stream_seed: int,
         split: str = "train",
         lopt_backend: str = "torch",
+        meta_split: str = "train",
     ) -> None:
+        check_meta_split(meta_split, task.splits)
         if lopt_backend not in LOPT_BACKENDS:
             raise ValueError(
                 f"unknown lopt backend {lopt_backend!r}; valid: {', '.join(LOPT_BACKENDS)}"
@@ -98,6 +122,11 @@ class TaskLanes:
         self.lopt_config = lopt_config
         self.arch = lopt.architecture_of(lopt_config)
         self.stream = task.batches(split, num_streams, stream_seed)
+        self.meta_stream = None
+        if meta_split != split:
+            seed = derive_seed(stream_seed, TAG_META_STREAM)
+            self.meta_stream = task.batches(meta_split, num_streams, seed)
+            self._meta_loss_all = torch.func.vmap(task.loss, randomness="error")
         self._step_all = torch.func.vmap(self._lane_train, randomness="error")
         self._nonfinite_skips = torch.zeros((), dtype=torch.int64)
         if lopt_backend == "cpp" and self.arch.lanes_update is None:
@@ -133,7 +162,9 @@ class TaskLanes:
         }
 
     def next_batch(self) -> TensorTree:
-        return next(self.stream)
+        if self.meta_stream is None:
+            return next(self.stream)
+        return {"inner": next(self.stream), "meta": next(self.meta_stream)}
 
     def _lane_train(self, theta_flat, params, opt_state, batch, task_cfg):
         theta = lopt.unflatten_theta(theta_flat, self.lopt_config)
@@ -155,8 +186,17 @@ class TaskLanes:
         """One slot for every lane; returns ``(state, loss [2N])``.
 
         The ``"cpp"`` path updates ``state``'s params and optimizer state in place and returns
-        the same tree; callers that need the old state must copy it first.
+        the same tree; callers that need the old state must copy it first. ``batch`` is what
+        :meth:`next_batch` returned (lane-expanded); the loss is the meta-objective's.
         """
+        if self.meta_stream is None:
+            return self._train_step(theta_lanes, state, batch)
+        state, _ = self._train_step(theta_lanes, state, batch["inner"])
+        with torch.no_grad():
+            loss = self._meta_loss_all(state["params"], batch["meta"], state["task_cfg"])
+        return state, loss
+
+    def _train_step(self, theta_lanes: torch.Tensor, state: TensorTree, batch: TensorTree):
         if self.lopt_backend == "cpp":
             grads, loss = self.task.lanes_grad_and_value(state["params"], batch, state["task_cfg"])
             # a lane's NaN/inf inner gradient skips that tensor's update (lopt.nonfinite)
@@ -182,10 +222,15 @@ class TaskLanes:
         return self.task.normalizer(loss)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stream": self.stream.state_dict()}
+        out = {"stream": self.stream.state_dict()}
+        if self.meta_stream is not None:
+            out["meta_stream"] = self.meta_stream.state_dict()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state["stream"])
+        if self.meta_stream is not None:
+            self.meta_stream.load_state_dict(state["meta_stream"])
 
 
 class VectorizedUnroll:

@@ -80,7 +80,7 @@ def build_estimator(
     task = family.make_task(static)
     problem = TaskLanes(
         task, family, static, cfg.lopt_config(), cfg.num_tasks, derive_seed(seed, TAG_STREAMS),
-        lopt_backend=cfg.lopt_backend,
+        lopt_backend=cfg.lopt_backend, meta_split=cfg.meta_loss_split,
     )  # fmt: skip
     shaping = get_shaping(cfg.shaping)
     if cfg.estimator == "full_es":

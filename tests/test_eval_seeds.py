@@ -49,7 +49,7 @@ def test_cpu_generators_use_only_the_low_32_bits_of_a_seed():
 def test_metatrain_tags_are_the_ones_the_trainer_uses_and_the_namespace_avoids_them():
     # Every seed of a run is derive_seed(seed, TAG_..., ...) with a tag named in
     # metatrain.seeding, whose METATRAIN_TAGS the evaluation namespace avoids.
-    sources = [ROOT / "metatrain" / "worker.py", ROOT / "metatrain" / "trainer.py"]
+    sources = [ROOT / "metatrain" / n for n in ("worker.py", "trainer.py", "unroll.py")]
     tags = set()
     for path in sources:
         for match in re.finditer(r"derive_seed\(\s*[\w.]+\s*,\s*(\w+)", path.read_text()):
@@ -58,7 +58,9 @@ def test_metatrain_tags_are_the_ones_the_trainer_uses_and_the_namespace_avoids_t
     unnamed = sorted(t for t in tags if not t.startswith("TAG_"))
     assert not unnamed, f"derive_seed with a literal tag {unnamed}: name it in metatrain.seeding"
     assert {getattr(seeding, t) for t in tags} <= set(METATRAIN_TAGS)
-    assert set(METATRAIN_TAGS) == set(seeding.RUN_TAGS) | set(seeding.ESTIMATOR_TAGS)
+    assert set(METATRAIN_TAGS) == (
+        set(seeding.RUN_TAGS) | set(seeding.ESTIMATOR_TAGS) | set(seeding.STREAM_TAGS)
+    )
     assert EVAL_NAMESPACE[1] not in METATRAIN_TAGS
 
 
@@ -78,6 +80,24 @@ def test_enumeration_covers_a_real_worker_including_resampled_estimators():
     assert seeds_mod.count_metatrain_seeds(cfg.to_dict()) == len(
         list(metatrain_seeds(cfg.to_dict()))
     )
+
+
+def test_enumeration_covers_the_validation_objective_streams(monkeypatch):
+    import metatrain.unroll
+
+    drawn = []
+
+    def spy(*parts):
+        drawn.append(seeding.derive_seed(*parts))
+        return drawn[-1]
+
+    monkeypatch.setattr(metatrain.unroll, "derive_seed", spy)
+    cfg = _quadratic_config(meta_loss_split="outer_valid")
+    Worker(cfg, worker_id=0)
+    assert len(drawn) == cfg.num_estimators  # one meta stream per estimator
+    assert set(drawn) <= set(metatrain_seeds(cfg.to_dict()))
+    plain = set(metatrain_seeds(_quadratic_config().to_dict()))
+    assert not set(drawn) & plain
 
 
 def test_eval_seeds_are_disjoint_distinct_and_reproducible():
