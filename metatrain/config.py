@@ -484,6 +484,7 @@ def config_from_args(
                 f"--quick is --preset quick; it cannot be combined with --preset {preset}"
             )
         preset = "quick"
+    before = dict(values.get("task_option", {}))
     if preset is not None:
         values.update(PRESETS[preset])
     for f in dataclasses.fields(MetaTrainConfig):
@@ -494,4 +495,34 @@ def config_from_args(
             values[f.name] = {**values.get(f.name, {}), **dict(given)}
         else:
             values[f.name] = given
+    if preset is not None and "task_option" in PRESETS[preset]:
+        scoped = scope_task_options(PRESETS[preset]["task_option"], values["task_family"])
+        mine = dict(getattr(args, "task_option", None) or {})
+        values["task_option"] = {**before, **scoped, **mine}
     return MetaTrainConfig.from_dict(values).validate()
+
+
+def scope_task_options(options: dict[str, Any], task_family: str) -> dict[str, Any]:
+    """A preset's task options fitted to the families a run names.
+
+    A preset is written for its own families (``--preset celo2``: 8×8 MLPs), but a run may mix
+    in others (``conv_mnist``, which has no ``width``). A plain KEY stays plain when every family
+    of the run takes it; otherwise it becomes ``FAMILY.KEY`` for each family that does, and the
+    rest keep their own defaults.
+    """
+    import tasks
+
+    names = [n.strip() for n in task_family.split(",")]
+    if any(n not in tasks.FAMILY_NAMES for n in names):
+        return dict(options)  # validate() names the unknown family
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if "." in key:  # already scoped
+            out[key] = value
+            continue
+        takers = [n for n in names if key in tasks.family_option_names(n)]
+        if len(takers) == len(names):
+            out[key] = value
+        else:
+            out.update({f"{n}.{key}": value for n in takers})
+    return out

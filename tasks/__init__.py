@@ -85,6 +85,7 @@ __all__ = [
     "StaticCfg",
     "Task",
     "TaskFamily",
+    "family_option_names",
     "get_family",
     "read_idx",
     "stack_lanes",
@@ -108,25 +109,31 @@ _STATIC_KINDS: Mapping[str, type[StaticCfg]] = MappingProxyType(
 )
 
 
+def family_option_names(name: str) -> tuple[str, ...]:
+    """The options :func:`get_family` accepts for ``name``: its typed fields, then
+    ``reparam_scale``."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown task family {name!r}; valid names: {', '.join(FAMILY_NAMES)}")
+    fields = tuple(f.name for f in dataclasses.fields(FAMILIES[name]))  # type: ignore[arg-type]
+    return (*fields, REPARAM_KEY)
+
+
 def get_family(name: str, **overrides: Any) -> TaskFamily:
     """The family called ``name``, with its typed fields overridden by ``overrides``.
 
     One option is not a field but applies to every family: ``reparam_scale=(lo, hi)`` wraps the
     family in the weight-rescaling augmentation (:class:`tasks.augment.ReparamFamily`).
     """
-    if name not in FAMILIES:
-        raise ValueError(f"unknown task family {name!r}; valid names: {', '.join(FAMILY_NAMES)}")
-    cls = FAMILIES[name]
-    overrides = dict(overrides)
-    reparam = overrides.pop(REPARAM_KEY, None)
-    valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    valid = family_option_names(name)  # refuses an unknown family
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(
             f"task family {name!r} has no option(s) {', '.join(unknown)}; valid: "
-            f"{', '.join([*valid, REPARAM_KEY])}"
+            f"{', '.join(valid)}"
         )
-    family = cls(**overrides)
+    overrides = dict(overrides)
+    reparam = overrides.pop(REPARAM_KEY, None)
+    family = FAMILIES[name](**overrides)
     return family if reparam is None else ReparamFamily(family, reparam)
 
 

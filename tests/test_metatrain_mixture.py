@@ -11,6 +11,7 @@ import lopt
 import tasks
 from metatrain import MetaTrainConfig, train
 from metatrain.cli import main as cli_main
+from metatrain.config import CELO2_RECIPE
 from metatrain.evaluation import seeds as seeds_mod
 from metatrain.worker import Worker, build_estimator, estimator_families
 from tests.tiny_runs import TINY_MNIST, tiny_config
@@ -140,6 +141,36 @@ def test_celo2_preset_is_the_recipe_and_explicit_flags_win(capsys):
     assert quick.outer_steps == 800
     with pytest.raises(ValueError, match=r"--quick is --preset quick"):
         config_from_args(build_parser().parse_args(["--quick", "--preset", "celo2"]))
+
+
+def parsed(*argv):
+    from metatrain.config import build_parser, config_from_args
+
+    return config_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_a_preset_fits_its_task_options_to_the_families_a_run_mixes_in():
+    four = "mlp_mnist,mlp_fashion_mnist,mlp_digits,conv_mnist"
+    cfg = parsed("--preset", "celo2", "--task-family", four, "--task-option", "conv_mnist.depth=2")
+    # conv_mnist has no width: the preset's width goes to the MLP families only
+    assert "width" not in cfg.task_option
+    for name in ("mlp_mnist", "mlp_fashion_mnist", "mlp_digits"):
+        assert cfg.family_options(name)["width"] == 32
+    conv = cfg.family_options("conv_mnist")
+    assert "width" not in conv and conv["depth"] == 2
+    assert conv["reparam_scale"] == [1e-3, 1e3] and conv["image_sizes"] == [8]
+    # the preset's own families keep the plain keys (the recipe's config is unchanged)
+    assert parsed("--preset", "celo2").task_option == CELO2_RECIPE["task_option"]
+    # a family the preset's options do not fit at all gets none of them
+    assert parsed("--quick", "--task-family", "quadratic").task_option == {}
+    # options given on the command line win over the preset's, plain or scoped
+    mine = parsed("--preset", "celo2", "--task-family", "mlp_mnist,conv_mnist",
+                  "--task-option", "mlp_mnist.width=64")  # fmt: skip
+    assert mine.family_options("mlp_mnist")["width"] == 64
+    # ... and a plain option of the user's that a family lacks is still an error
+    with pytest.raises(ValueError, match="task family 'conv_mnist' has no option.s. width"):
+        parsed("--preset", "celo2", "--task-family", "mlp_mnist,conv_mnist",
+               "--task-option", "width=64")  # fmt: skip
 
 
 def test_outer_adamw_decays_theta_and_zero_clip_keeps_large_gradients():
