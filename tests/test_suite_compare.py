@@ -341,3 +341,26 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, make, args, message):
         and err.count("\n") == 1
         and err.startswith("python -m metatrain.eval: error:")
     )
+
+
+def test_the_report_shows_every_grid_lr_with_its_train_and_test_loss(tmp_path, monkeypatch):
+    """The choice is by train loss; the grid table shows what it costs in test loss."""
+    use_fast_reports(monkeypatch)
+    sides = {"digits_mlp": Side(train=(1e-9, 2e-9), test=(5.5, 5.7), diverged_grid=True)}
+    write_report(tmp_path / "lo", LEARNED, sides)
+    table = (tmp_path / "lo" / "table.md").read_text()
+    assert "Tuning grid, seed 0 (final train loss / test loss" in table
+    lo = f"| digits_mlp | {LEARNED.name} | cosine, 0 |"
+    assert f"{lo} 0.001: 1e-09 / 5.5 *; 30: n/a / n/a (div.) |" in table.splitlines()
+    assert "| digits_mlp | adamw | cosine, 0 | 0.001: 0.5 / 0.6 * |" in table.splitlines()
+    report = json.loads((tmp_path / "lo" / "suite.json").read_text())
+    grid = report["problems"][0]["optimizer"]["grid"]
+    assert [g["final_test_loss"] for g in grid] == [5.5, None]
+    # a report written before grid test losses were kept still reads, showing train losses
+    for g in grid:
+        del g["final_test_loss"]
+    from metatrain.generalisation.report import markdown
+    from metatrain.generalisation.schema import validate_report
+
+    validate_report(report)
+    assert f"{lo} 0.001: 1e-09 *; 30: n/a (div.) |" in markdown(report).splitlines()

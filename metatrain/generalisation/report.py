@@ -139,6 +139,7 @@ def tuned_record(t: Tuned) -> dict[str, Any]:
             {
                 "config": r.config.to_dict(),
                 "final_train_loss": _num(r.final.get("train_loss")),
+                "final_test_loss": _num(r.final.get("test_loss")),
                 "diverged": r.diverged,
                 "divergence": r.divergence,
             }
@@ -333,6 +334,43 @@ def _grid_divergences(report: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _grid_table(report: Mapping[str, Any], name: str, ref: str) -> list[str]:
+    """Every seed-0 grid run as ``train / test`` per lr: what the lr chosen on the final train
+    loss costs in test loss (an over-fitting lr shows as a low train and a high test loss).
+    Reports written before grid test losses were kept show the train loss only."""
+    lines = [
+        "",
+        "Tuning grid, seed 0 (final train loss / test loss; * chosen; the choice is by train "
+        "loss only):",
+        "",
+        "| problem | optimizer | schedule, wd | lr: train / test |",
+        "|---|---|---|---|",
+    ]
+    for p in report["problems"]:
+        for who, label in (("reference", ref), ("optimizer", name)):
+            if who == "optimizer" and name == ref:
+                continue
+            t = p[who]
+            groups: dict[tuple[str, float], list[str]] = {}
+            for g in sorted(t["grid"], key=lambda g: g["config"]["lr"]):
+                c = g["config"]
+                cell = f"{c['lr']:g}: {_loss_text(g['final_train_loss'])}"
+                if "final_test_loss" in g:
+                    cell += f" / {_loss_text(g['final_test_loss'])}"
+                if g["diverged"]:
+                    cell += " (div.)"
+                if c == t["best"]:
+                    cell += " *"
+                groups.setdefault((c["schedule"], c["weight_decay"]), []).append(cell)
+            for (schedule, wd), cells in groups.items():
+                lines.append(f"| {p['name']} | {label} | {schedule}, {wd:g} | {'; '.join(cells)} |")
+    return lines
+
+
+def _loss_text(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
 def comparison_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     """One table for several optimizers' reports against the same AdamW (e.g. for README):
     the AdamW rows once, then every optimizer's row per problem, then each one's IQMs."""
@@ -413,6 +451,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                     + " | ".join(cells)
                     + f" | {_ci(agg['ablation'][label][who]['normalised_final_loss'])} |"
                 )
+    lines += _grid_table(report, name, ref)
     diverged = _grid_divergences(report)
     if diverged:
         lines += ["", "Diverged runs of the seed-0 tuning grids (never selected):", ""]

@@ -51,9 +51,11 @@ _TUNED = _obj(
                 {
                     "config": _CONFIG,
                     "final_train_loss": _OPT_NUM,
+                    "final_test_loss": _OPT_NUM,  # absent in reports of before 2026-11-30
                     "diverged": {"type": "boolean"},
                     "divergence": {"type": ["string", "null"]},
-                }
+                },
+                optional=("final_test_loss",),
             ),
         },
         "seeds": {"type": "integer", "minimum": 1},
