@@ -303,7 +303,8 @@ def read_curve(run_dir: str | Path) -> list[dict[str, float]]:
 
 def plot_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """``heldout.png``: held-out train loss (learned and Adam) and their ratio against
-    meta-training wall time, one line per family plus the mean."""
+    meta-training wall time, one line per family plus the mean, and the mean ratio of the
+    final validation losses (what a ``--meta-loss-split`` run keeps its best θ by)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -325,6 +326,9 @@ def plot_curve(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for name in families:
         right.plot(minutes, [x[f"heldout_{name}_ratio"] for x in curve], ".-", label=name)
     right.plot(minutes, [x["heldout_ratio"] for x in curve], "ko-", label="mean")
+    if all("heldout_valid_ratio" in x for x in curve):  # curves of before 2026-11-30 lack it
+        valid = [x["heldout_valid_ratio"] for x in curve]
+        right.plot(minutes, valid, "k--", label="mean, validation loss")
     right.axhline(1.0, color="grey", lw=0.8)
     right.set(xlabel="meta-training wall time (min)", ylabel="learned / Adam (lower is better)")
     right.set_yscale("log")

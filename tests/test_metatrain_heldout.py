@@ -154,3 +154,27 @@ def test_curve_cli_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     assert (tmp_path / "heldout.png").stat().st_size > 1000
     assert main([str(tmp_path / "none")]) == 2
     assert "no heldout.jsonl" in capsys.readouterr().out
+
+
+def test_curve_cli_shows_the_validation_ratio_when_the_curve_has_it(tmp_path, capsys, monkeypatch):
+    import matplotlib.axes
+
+    from metatrain.heldout import main
+
+    line = {
+        "step": 0, "elapsed_s": 0.0, "heldout_train_loss": 0.2, "heldout_adam_train_loss": 0.1,
+        "heldout_ratio": 2.0, "heldout_valid_ratio": 0.875, "heldout_diverged": 0.0,
+        "heldout_mlp_digits_ratio": 2.0,
+    }  # fmt: skip
+    (tmp_path / CURVE_FILE).write_text(json.dumps(line) + "\n")
+    labels = []
+    plot = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    assert main([str(tmp_path)]) == 0
+    assert "2.000        0.875" in capsys.readouterr().out
+    assert "mean, validation loss" in labels
