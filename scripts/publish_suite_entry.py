@@ -78,15 +78,17 @@ def main(argv: list[str] | None = None) -> None:
         step = lopt.weights.read_header(args.run_dir / args.weights).get(HELDOUT_STEP_KEY)
         if step is not None:
             meta["weights_step"] = int(step)
-    metrics: dict[str, dict[str, str]] = {
-        f"held-out at step {x['step']} ({x['elapsed_s'] / 60:.1f} min)": {
+    metrics: dict[str, dict[str, str]] = {}
+    for x in curve:
+        row = {
             "learned final train loss": f"{x['heldout_train_loss']:.4g}",
             "best-Adam final train loss": f"{x['heldout_adam_train_loss']:.4g}",
             "learned / Adam": f"{x['heldout_ratio']:.3g}",
-            "diverged tasks": f"{int(x['heldout_diverged'])}",
         }
-        for x in curve
-    }
+        if "heldout_valid_ratio" in x:  # curves of before 2026-11-30 lack it
+            row["learned / Adam, validation loss"] = f"{x['heldout_valid_ratio']:.3g}"
+        row["diverged tasks"] = f"{int(x['heldout_diverged'])}"
+        metrics[f"held-out at step {x['step']} ({x['elapsed_s'] / 60:.1f} min)"] = row
     attachments = {"heldout.jsonl": args.run_dir / "heldout.jsonl"}
     published = json.loads(config.to_json())  # as a suite's optimizer identity records it
     suites = []

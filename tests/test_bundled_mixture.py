@@ -12,7 +12,7 @@ import zoo
 from tests.task_training import sample_problem, train_losses
 
 ENTRIES = ["small_fc_lopt/mixture_8x8", "celo2/mixture_8x8"]
-LATEST = {"small_fc_lopt/mixture_8x8": "1.0.1", "celo2/mixture_8x8": "1.3.0"}
+LATEST = {"small_fc_lopt/mixture_8x8": "1.0.1", "celo2/mixture_8x8": "1.4.0"}
 MIXTURE = "mlp_mnist,mlp_fashion_mnist,mlp_digits"
 
 
@@ -60,13 +60,13 @@ def test_celo2_1_1_and_1_2_are_the_first_run_theta_under_deployment_settings(mon
     assert identity["config"]["adam_lr_mult"] == 5.0
 
 
-def test_the_default_celo2_entry_continues_1_2_with_a_conv_family_and_is_its_best_held_out_theta(
+def test_celo2_1_3_continues_1_2_with_a_conv_family_and_is_its_best_held_out_theta(
     monkeypatch, tmp_path
 ):
     """1.3.0 is a run started from 1.2.0 under 1.2.0's deployment settings, with conv_mnist added
     to the mixture; the published θ is that run's best held-out checkpoint (not its final θ)."""
     monkeypatch.setenv("LOZOO_ZOO", str(tmp_path / "empty-user-zoo"))
-    new, parent = zoo.load("celo2/mixture_8x8"), zoo.load("celo2/mixture_8x8:1.2.0")
+    new, parent = zoo.load("celo2/mixture_8x8:1.3.0"), zoo.load("celo2/mixture_8x8:1.2.0")
     meta = new.meta
     assert meta["init_from"]["resolved"] == "celo2/mixture_8x8:1.2.0"
     assert meta["init_from"]["theta_sha256"] == parent.theta_sha256 != new.theta_sha256
@@ -75,6 +75,33 @@ def test_the_default_celo2_entry_continues_1_2_with_a_conv_family_and_is_its_bes
     assert new.config == parent.config  # meta-trained under the settings it is deployed with
     assert "config_changed_from_run" not in meta
     assert meta["weights_file"] == "theta_best.safetensors" and meta["weights_step"] == 500
+    suite = json.loads((new.path / "suite.json").read_text())
+    identity = suite["config"]["optimizer_spec"]["identity"]
+    assert identity["io_group"] == {"adam": True} and identity["theta_sha256"] == new.theta_sha256
+
+
+def test_the_default_celo2_entry_continues_1_3_on_the_validation_objective(monkeypatch, tmp_path):
+    """1.4.0 is 1.3.0 meta-trained further with --meta-loss-split outer_valid, same families and
+    settings; its θ is the checkpoint with the best held-out *validation* ratio, and its card
+    carries the 4× and 10× horizon reports next to the main suite."""
+    monkeypatch.setenv("LOZOO_ZOO", str(tmp_path / "empty-user-zoo"))
+    new, parent = zoo.load("celo2/mixture_8x8"), zoo.load("celo2/mixture_8x8:1.3.0")
+    meta = new.meta
+    assert meta["init_from"]["resolved"] == "celo2/mixture_8x8:1.3.0"
+    assert meta["init_from"]["theta_sha256"] == parent.theta_sha256 != new.theta_sha256
+    assert meta["metatrain_config"]["meta_loss_split"] == "outer_valid"
+    assert parent.meta["metatrain_config"].get("meta_loss_split", "train") == "train"
+    assert meta["task_family"] == parent.meta["task_family"] == MIXTURE + ",conv_mnist"
+    assert new.config == parent.config and "config_changed_from_run" not in meta
+    assert meta["weights_file"] == "theta_best.safetensors" and meta["weights_step"] == 1500
+    # kept by the validation ratio: at its step that ratio is the curve's best, the train one not
+    curve = [json.loads(x) for x in (new.path / "heldout.jsonl").read_text().splitlines()]
+    at = next(x for x in curve if x["step"] == 1500)
+    assert at["heldout_valid_ratio"] == min(x["heldout_valid_ratio"] for x in curve)
+    assert at["heldout_ratio"] > min(x["heldout_ratio"] for x in curve)
+    labels = [s["label"] for s in meta["generalisation_suite"]]
+    assert labels == ["suite", "suite2", "suite3"]
+    assert [s["steps_scale"] for s in meta["generalisation_suite"]] == [1.0, 4.0, 1.0]
     suite = json.loads((new.path / "suite.json").read_text())
     identity = suite["config"]["optimizer_spec"]["identity"]
     assert identity["io_group"] == {"adam": True} and identity["theta_sha256"] == new.theta_sha256

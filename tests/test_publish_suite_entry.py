@@ -111,6 +111,7 @@ def test_publishes_the_run_with_its_curve_and_every_suite(script, run_dir, tmp_p
         "learned final train loss",
         "best-Adam final train loss",
         "learned / Adam",
+        "learned / Adam, validation loss",
         "diverged tasks",
     }
     for name in ("heldout.png", "heldout.jsonl", "suite.json", "suite2.json", "suite_table.md"):
