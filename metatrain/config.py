@@ -29,6 +29,27 @@ def lopt_architecture(config: Any):
     return lopt.architecture_of(config)
 
 
+def parse_families(task_family: str) -> tuple[str, ...]:
+    """The families of ``--task-family`` (a name or a comma-separated mixture), in order;
+    raises ``ValueError`` naming an unknown or repeated family."""
+    import tasks
+
+    names = tuple(part.strip() for part in task_family.split(","))
+    unknown = [n for n in names if n not in tasks.FAMILY_NAMES]
+    if unknown or not all(names):
+        raise ValueError(
+            f"unknown task family {(unknown or [''])[0]!r}; valid names: "
+            f"{', '.join(tasks.FAMILY_NAMES)} (a mixture is a comma-separated list of them, "
+            f"got --task-family {task_family!r})"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"--task-family {task_family!r} names a family twice; a mixture weights "
+            "its families equally, so list each once"
+        )
+    return names
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
@@ -241,22 +262,7 @@ class MetaTrainConfig:
     @property
     def families(self) -> tuple[str, ...]:
         """The task families of this run, in the order given (one unless a mixture)."""
-        import tasks
-
-        names = tuple(part.strip() for part in self.task_family.split(","))
-        unknown = [n for n in names if n not in tasks.FAMILY_NAMES]
-        if unknown or not all(names):
-            raise ValueError(
-                f"unknown task family {(unknown or [''])[0]!r}; valid names: "
-                f"{', '.join(tasks.FAMILY_NAMES)} (a mixture is a comma-separated list of them, "
-                f"got --task-family {self.task_family!r})"
-            )
-        if len(set(names)) != len(names):
-            raise ValueError(
-                f"--task-family {self.task_family!r} names a family twice; a mixture weights "
-                "its families equally, so list each once"
-            )
-        return names
+        return parse_families(self.task_family)
 
     def family_options(self, name: str) -> dict[str, Any]:
         """The options of family ``name``: every plain KEY, then its own ``name.KEY`` entries."""
@@ -484,7 +490,6 @@ def config_from_args(
                 f"--quick is --preset quick; it cannot be combined with --preset {preset}"
             )
         preset = "quick"
-    before = dict(values.get("task_option", {}))
     if preset is not None:
         values.update(PRESETS[preset])
     for f in dataclasses.fields(MetaTrainConfig):
@@ -497,8 +502,7 @@ def config_from_args(
             values[f.name] = given
     if preset is not None and "task_option" in PRESETS[preset]:
         scoped = scope_task_options(PRESETS[preset]["task_option"], values["task_family"])
-        mine = dict(getattr(args, "task_option", None) or {})
-        values["task_option"] = {**before, **scoped, **mine}
+        values["task_option"] = {**scoped, **dict(getattr(args, "task_option", None) or {})}
     return MetaTrainConfig.from_dict(values).validate()
 
 
@@ -512,9 +516,7 @@ def scope_task_options(options: dict[str, Any], task_family: str) -> dict[str, A
     """
     import tasks
 
-    names = [n.strip() for n in task_family.split(",")]
-    if any(n not in tasks.FAMILY_NAMES for n in names):
-        return dict(options)  # validate() names the unknown family
+    names = parse_families(task_family)
     out: dict[str, Any] = {}
     for key, value in options.items():
         if "." in key:  # already scoped

@@ -23,6 +23,7 @@ __all__ = [
     "TAG_UNROLL",
     "TAG_WORKER",
     "derive_seed",
+    "meta_stream_seed",
 ]
 
 # derive_seed(run_seed, TAG, ...)
@@ -50,3 +51,8 @@ def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integer parts; independent streams for distinct tuples."""
     words = [int(p) & 0xFFFFFFFF for p in parts]
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def meta_stream_seed(stream_seed: int) -> int:
+    """A pair's meta-objective stream seed (``--meta-loss-split``), from its data stream's."""
+    return derive_seed(stream_seed, TAG_META_STREAM)

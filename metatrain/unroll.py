@@ -20,7 +20,7 @@ from lopt.nonfinite import guarded_update
 from lopt.tree import tree_map, tree_stack
 
 from .schedules import NeverEnding, Schedule
-from .seeding import TAG_META_STREAM, derive_seed
+from .seeding import meta_stream_seed
 
 TensorTree = dict[str, Any]
 LOPT_BACKENDS = ("torch", "cpp", "auto")
@@ -124,7 +124,7 @@ class TaskLanes:
         self.stream = task.batches(split, num_streams, stream_seed)
         self.meta_stream = None
         if meta_split != split:
-            seed = derive_seed(stream_seed, TAG_META_STREAM)
+            seed = meta_stream_seed(stream_seed)
             self.meta_stream = task.batches(meta_split, num_streams, seed)
             self._meta_loss_all = torch.func.vmap(task.loss, randomness="error")
         self._step_all = torch.func.vmap(self._lane_train, randomness="error")

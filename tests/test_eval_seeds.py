@@ -87,11 +87,11 @@ def test_enumeration_covers_the_validation_objective_streams(monkeypatch):
 
     drawn = []
 
-    def spy(*parts):
-        drawn.append(seeding.derive_seed(*parts))
+    def spy(stream_seed):
+        drawn.append(seeding.meta_stream_seed(stream_seed))
         return drawn[-1]
 
-    monkeypatch.setattr(metatrain.unroll, "derive_seed", spy)
+    monkeypatch.setattr(metatrain.unroll, "meta_stream_seed", spy)
     cfg = _quadratic_config(meta_loss_split="outer_valid")
     Worker(cfg, worker_id=0)
     assert len(drawn) == cfg.num_estimators  # one meta stream per estimator

@@ -32,11 +32,11 @@ from metatrain.seeding import (
     ESTIMATOR_TAGS,
     METATRAIN_TAGS,
     TAG_ESTIMATOR,
-    TAG_META_STREAM,
     TAG_STREAMS,
     TAG_THETA_INIT,
     TAG_WORKER,
     derive_seed,
+    meta_stream_seed,
 )
 
 __all__ = [
@@ -203,4 +203,4 @@ def metatrain_seeds(cfg: Mapping[str, Any]) -> Iterator[int]:
             for tag in ESTIMATOR_TAGS:  # data streams, lanes/inits/lengths, full-ES lengths
                 yield derive_seed(estimator, tag)
             if cfg.get("meta_loss_split", "train") != "train":  # the meta-objective's batches
-                yield derive_seed(derive_seed(estimator, TAG_STREAMS), TAG_META_STREAM)
+                yield meta_stream_seed(derive_seed(estimator, TAG_STREAMS))
